@@ -1,0 +1,1 @@
+"""ROS-free core: geometry, alignment, segmentation, point-cloud packing. Never imports rclpy."""

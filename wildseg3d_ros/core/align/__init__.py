@@ -1,0 +1,1 @@
+"""wildseg3d_ros."""
