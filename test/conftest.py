@@ -1,3 +1,4 @@
+"""Shared test set-up: import path, ROS 2 isolation, paths to ../shared data."""
 import os
 import sys
 from pathlib import Path
@@ -8,3 +9,11 @@ if str(ROOT) not in sys.path:
 
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
+
+# Keep every ROS 2 participant of this test session on loopback and on a domain of its own, so
+# parallel sessions (or a developer's running nodes) never cross-talk. Set before rclpy loads;
+# subprocesses inherit it.
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+if "WILDSEG3D_TEST_KEEP_DOMAIN" not in os.environ:
+    os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
