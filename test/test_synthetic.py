@@ -79,9 +79,17 @@ def test_every_pixel_hits_and_ids_valid(seq):
 
 
 def test_every_object_seen_in_most_views(seq):
-    for oid in seq.scene.object_ids:
-        seen = [(seq.instance[v] == oid).sum() for v in range(5)]
-        assert sum(s >= 200 for s in seen) >= 3, (oid, seen)
+    for q in (seq, S.render_sequence(n_views=5, width=W, height=H, seed=1),
+              S.render_sequence(n_views=5, width=W, height=H, seed=2, num_objects=8)):
+        assert len(q.scene.object_ids) in (5, 8)
+        for oid in q.scene.object_ids:
+            seen = [(q.instance[v] == oid).sum() for v in range(5)]
+            assert sum(s >= 200 for s in seen) >= 3, (oid, seen)
+
+
+def test_empty_table():
+    q = S.render_sequence(n_views=2, width=80, height=60, seed=0, num_objects=0)
+    assert q.scene.object_ids == [] and set(np.unique(q.instance)) <= {1, 2, 3}
 
 
 def test_depth_backprojects_onto_surfaces(seq):

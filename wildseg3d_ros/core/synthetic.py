@@ -199,56 +199,91 @@ def make_tabletop_scene(seed: int = 0, num_objects: int = 5) -> SceneDef:
     hues = (hue0 + 360.0 * np.arange(num_objects) / max(num_objects, 1)) % 360
     hues = hues[rng.permutation(num_objects)] if num_objects else hues
     textures = ["checker", "stripes", "noise"]
-    placed: List[Tuple[np.ndarray, float]] = []
-    object_ids: List[int] = []
-    margin = 0.06
-    for k, kind in enumerate(kind_list):
-        oid = FIRST_OBJECT_ID + k
-        sat = rng.uniform(0.75, 0.95)
-        val = rng.uniform(0.75, 0.95)
-        col = np.array(colorsys.hsv_to_rgb(hues[k] / 360.0, sat, val))
-        tex = textures[int(rng.integers(3))]
-        tscale = float(rng.uniform(0.018, 0.03))
-        tsd = int(rng.integers(1 << 30))
-        for attempt in range(2000):
-            shrink = 1.0 if attempt < 1000 else 0.6  # fall back to smaller objects if crowded
-            if kind == "box":
-                dims = rng.uniform(0.06, 0.20, 3) * shrink
-                dims = np.maximum(dims, 0.06)
-                prim = Primitive("box", oid, "", col, tex, half_extents=dims / 2,
-                                 yaw=float(rng.uniform(0, np.pi)), texture_scale=tscale, tex_seed=tsd)
-                zc = TABLE_HEIGHT + dims[2] / 2
-            elif kind == "sphere":
-                r = max(rng.uniform(0.03, 0.10) * shrink, 0.03)
-                prim = Primitive("sphere", oid, "", col, tex, radius=r, texture_scale=tscale, tex_seed=tsd)
-                zc = TABLE_HEIGHT + r
-            else:
-                r = max(rng.uniform(0.03, 0.08) * shrink, 0.03)
-                h = max(rng.uniform(0.08, 0.20) * shrink, 0.06)
-                prim = Primitive("cylinder", oid, "", col, tex, radius=r, height=h,
-                                 texture_scale=tscale, tex_seed=tsd)
-                zc = TABLE_HEIGHT + h / 2
-            fr = prim.footprint_radius()
-            lim = np.array([tx / 2 - margin - fr, ty / 2 - margin - fr])
-            if np.any(lim <= 0):
-                continue
-            xy = rng.uniform(-lim, lim)
-            if all(np.hypot(*(xy - q)) > fr + qr + 0.025 for q, qr in placed):
-                break
-        else:
-            raise RuntimeError(f"could not place {num_objects} objects on the table")
-        prim.center = np.array([xy[0], xy[1], zc])
-        placed.append((xy, fr))
-        name = f"{_hue_name(hues[k])} {kind}"
-        if name in names.values():
-            name = f"{name} {oid}"
-        prim.name = name
-        names[oid] = name
-        prims.append(prim)
-        object_ids.append(oid)
 
-    return SceneDef(primitives=prims, object_ids=object_ids, names=names,
-                    table_center=np.array([0.0, 0.0, TABLE_HEIGHT]), seed=seed)
+    def _layout():
+        objs: List[Primitive] = []
+        obj_names: Dict[int, str] = {}
+        placed: List[Tuple[np.ndarray, float]] = []
+        margin = 0.06
+        for k, kind in enumerate(kind_list):
+            oid = FIRST_OBJECT_ID + k
+            sat = rng.uniform(0.75, 0.95)
+            val = rng.uniform(0.75, 0.95)
+            col = np.array(colorsys.hsv_to_rgb(hues[k] / 360.0, sat, val))
+            tex = textures[int(rng.integers(3))]
+            tscale = float(rng.uniform(0.018, 0.03))
+            tsd = int(rng.integers(1 << 30))
+            for attempt in range(2000):
+                shrink = 1.0 if attempt < 1000 else 0.6  # fall back to smaller objects if crowded
+                if kind == "box":
+                    dims = rng.uniform(0.06, 0.20, 3) * shrink
+                    dims = np.maximum(dims, 0.06)
+                    prim = Primitive("box", oid, "", col, tex, half_extents=dims / 2,
+                                     yaw=float(rng.uniform(0, np.pi)), texture_scale=tscale, tex_seed=tsd)
+                    zc = TABLE_HEIGHT + dims[2] / 2
+                elif kind == "sphere":
+                    r = max(rng.uniform(0.03, 0.10) * shrink, 0.03)
+                    prim = Primitive("sphere", oid, "", col, tex, radius=r, texture_scale=tscale, tex_seed=tsd)
+                    zc = TABLE_HEIGHT + r
+                else:
+                    r = max(rng.uniform(0.03, 0.08) * shrink, 0.03)
+                    h = max(rng.uniform(0.08, 0.20) * shrink, 0.06)
+                    prim = Primitive("cylinder", oid, "", col, tex, radius=r, height=h,
+                                     texture_scale=tscale, tex_seed=tsd)
+                    zc = TABLE_HEIGHT + h / 2
+                fr = prim.footprint_radius()
+                lim = np.array([tx / 2 - margin - fr, ty / 2 - margin - fr])
+                if np.any(lim <= 0):
+                    continue
+                xy = rng.uniform(-lim, lim)
+                if all(np.hypot(*(xy - q)) > fr + qr + 0.025 for q, qr in placed):
+                    break
+            else:
+                raise RuntimeError(f"could not place {num_objects} objects on the table")
+            prim.center = np.array([xy[0], xy[1], zc])
+            placed.append((xy, fr))
+            name = f"{_hue_name(hues[k])} {kind}"
+            if name in obj_names.values():
+                name = f"{name} {oid}"
+            prim.name = name
+            obj_names[oid] = name
+            objs.append(prim)
+        return objs, obj_names
+
+    # Rejection-sample whole layouts until every object is visible (>= ~300 px at 640x480) in at
+    # least 4 of the 5 views of the default trajectory (camera_trajectory(5, scene, seed=seed));
+    # keep the best layout if none qualifies within _LAYOUT_ATTEMPTS.
+    table_center = np.array([0.0, 0.0, TABLE_HEIGHT])
+    best = None
+    for _ in range(_LAYOUT_ATTEMPTS if num_objects else 1):
+        objs, obj_names = _layout()
+        scene = SceneDef(primitives=prims + objs, object_ids=[p.instance_id for p in objs],
+                         names={**names, **obj_names}, table_center=table_center.copy(), seed=seed)
+        score = _visibility_score(scene, seed) if num_objects else 5
+        if best is None or score > best[0]:
+            best = (score, scene)
+        if score >= _VIS_TARGET:
+            break
+    return best[1]
+
+
+_LAYOUT_ATTEMPTS = 40
+_VIS_TARGET = 4  # views (of 5) in which every object must be visible
+
+
+def _visibility_score(scene: SceneDef, seed: int, n_views: int = 5, min_px: int = 20) -> int:
+    """Min over objects of the number of default-trajectory views (rendered at 160x120) that show
+    the object with at least ``min_px`` pixels."""
+    w, h = 160, 120
+    K = intrinsics(w, h)
+    poses = camera_trajectory(n_views, scene, seed=seed)
+    counts = np.zeros((n_views, len(scene.object_ids)), np.int64)
+    for v, T in enumerate(poses):
+        inst = _cast(scene, K, T, w, h)[1]
+        ids = np.array([p.instance_id for p in scene.primitives], np.int32)
+        lab = np.where(inst >= 0, ids[np.maximum(inst, 0)], 0)
+        counts[v] = [(lab == o).sum() for o in scene.object_ids]
+    return int((counts >= min_px).sum(0).min())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,48 +362,61 @@ def add_odometry_drift(poses: np.ndarray, seed: int = 0, trans_sigma: float = 0.
 # ----------------------------------------------------------------------------------------------
 # Ray casting
 # ----------------------------------------------------------------------------------------------
-def _intersect(prim: Primitive, o: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Ray parameter t of the first hit (inf = miss) for rays o + t d, d (..., 3) (not unit)."""
+def _intersect(prim: Primitive, o: np.ndarray, dx: np.ndarray, dy: np.ndarray, dz: np.ndarray
+               ) -> np.ndarray:
+    """Ray parameter t of the first hit (inf = miss) for rays o + t (dx, dy, dz) (not unit).
+
+    Ray directions are passed as three same-shape component arrays (contiguous arithmetic is
+    much faster than reductions over a trailing axis of length 3)."""
+    inf = np.inf
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if prim.kind == "plane":
             n = prim.normal
-            dn = d @ n
-            t = ((prim.center - o) @ n) / dn
-            return np.where(t > _EPS, t, np.inf)
+            num = float((prim.center - o) @ n)
+            ax = int(np.argmax(np.abs(n)))
+            if abs(n[ax]) > 1 - 1e-12:  # axis aligned: one component only
+                dn = (dx, dy, dz)[ax] * n[ax]
+            else:
+                dn = dx * n[0] + dy * n[1] + dz * n[2]
+            t = num / dn
+            return np.where(t > _EPS, t, inf)
         if prim.kind == "sphere":
             oc = o - prim.center
-            a = np.einsum("...i,...i->...", d, d)
-            b = d @ oc
-            disc = b * b - a * (oc @ oc - prim.radius ** 2)
+            a = dx * dx + dy * dy + dz * dz
+            b = dx * oc[0] + dy * oc[1] + dz * oc[2]
+            disc = b * b - a * float(oc @ oc - prim.radius ** 2)
             t = (-b - np.sqrt(disc)) / a
-            return np.where((disc >= 0) & (t > _EPS), t, np.inf)
+            return np.where((disc >= 0) & (t > _EPS), t, inf)
         if prim.kind == "box":
             R = prim.rotation()
             ol = R.T @ (o - prim.center)
-            dl = d @ R
-            inv = 1.0 / dl
-            t1 = (-prim.half_extents - ol) * inv
-            t2 = (prim.half_extents - ol) * inv
-            tmin = np.minimum(t1, t2).max(-1)
-            tmax = np.maximum(t1, t2).min(-1)
-            return np.where((tmax >= tmin) & (tmin > _EPS), tmin, np.inf)
+            h = prim.half_extents
+            dls = (dx * R[0, 0] + dy * R[1, 0], dx * R[0, 1] + dy * R[1, 1], dz)
+            tmin = tmax = None
+            for i in range(3):
+                inv = 1.0 / dls[i]
+                t1 = (-h[i] - ol[i]) * inv
+                t2 = (h[i] - ol[i]) * inv
+                lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+                tmin = lo if tmin is None else np.maximum(tmin, lo)
+                tmax = hi if tmax is None else np.minimum(tmax, hi)
+            return np.where((tmax >= tmin) & (tmin > _EPS), tmin, inf)
         if prim.kind == "cylinder":
             oc = o - prim.center
             hh = prim.height / 2
-            dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+            r2 = prim.radius ** 2
             a = dx * dx + dy * dy
             b = dx * oc[0] + dy * oc[1]
-            disc = b * b - a * (oc[0] ** 2 + oc[1] ** 2 - prim.radius ** 2)
+            disc = b * b - a * float(oc[0] ** 2 + oc[1] ** 2 - r2)
             ts = (-b - np.sqrt(disc)) / a
             zs = oc[2] + ts * dz
-            t_side = np.where((disc >= 0) & (ts > _EPS) & (np.abs(zs) <= hh), ts, np.inf)
-            best = t_side
+            best = np.where((disc >= 0) & (ts > _EPS) & (np.abs(zs) <= hh), ts, inf)
             for zc in (hh, -hh):
                 tc = (zc - oc[2]) / dz
                 xc = oc[0] + tc * dx
                 yc = oc[1] + tc * dy
-                ok = (tc > _EPS) & (xc * xc + yc * yc <= prim.radius ** 2)
-                best = np.minimum(best, np.where(ok, tc, np.inf))
+                ok = (tc > _EPS) & (xc * xc + yc * yc <= r2)
+                best = np.minimum(best, np.where(ok, tc, inf))
             return best
     raise ValueError(prim.kind)
 
@@ -527,28 +575,31 @@ _RAY_CACHE: Dict[tuple, np.ndarray] = {}
 
 
 def _camera_rays(K: np.ndarray, width: int, height: int) -> np.ndarray:
-    """H x W x 3 camera-frame directions K^-1 [j, i, 1] (z component 1), cached."""
+    """3 x H x W camera-frame directions K^-1 [j, i, 1] (z component 1), cached."""
     key = (width, height) + tuple(np.round(np.asarray(K, float).ravel(), 9))
     r = _RAY_CACHE.get(key)
     if r is None:
         Kinv = np.linalg.inv(K)
         jj, ii = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
-        pix = np.stack([jj, ii, np.ones_like(jj)], -1)
-        r = pix @ Kinv.T
+        pix = np.stack([jj, ii, np.ones_like(jj)], 0)
+        r = np.einsum("ij,jhw->ihw", Kinv, pix)
+        r[2] = 1.0
         if len(_RAY_CACHE) > 8:
             _RAY_CACHE.clear()
         _RAY_CACHE[key] = r
     return r
 
 
-def render_view(scene: SceneDef, K: np.ndarray, T_c2w: np.ndarray, width: int, height: int
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ray-cast one view. Returns rgb (H,W,3) uint8, z-depth (H,W) float32 m, instance (H,W) int32."""
+def _cast(scene: SceneDef, K: np.ndarray, T_c2w: np.ndarray, width: int, height: int):
+    """Geometry pass: (t = z-depth (H,W) float64, primitive index (H,W) int16 (-1 miss),
+    world ray directions (3,H,W), camera centre (3,))."""
     K = np.asarray(K, np.float64)
     T = np.asarray(T_c2w, np.float64)
-    R, o = T[:3, :3], T[:3, 3]
+    R, o = T[:3, :3], T[:3, 3].copy()
     dcam = _camera_rays(K, width, height)
-    d = dcam @ R.T  # world directions; ray parameter t == z-depth since dcam z == 1
+    # world ray directions; the ray parameter t equals z-depth because dcam's z component is 1
+    d = np.einsum("ij,jhw->ihw", R, dcam)
+    dx, dy, dz = d[0], d[1], d[2]
     tbest = np.full((height, width), np.inf)
     pidx = np.full((height, width), -1, np.int16)
     for k, prim in enumerate(scene.primitives):
@@ -556,41 +607,53 @@ def render_view(scene: SceneDef, K: np.ndarray, T_c2w: np.ndarray, width: int, h
         if rect is None:
             continue
         r0, r1, c0, c1 = rect
-        t = _intersect(prim, o, d[r0:r1, c0:c1])
-        sub = tbest[r0:r1, c0:c1]
+        sl = (slice(r0, r1), slice(c0, c1))
+        t = _intersect(prim, o, dx[sl], dy[sl], dz[sl])
+        sub = tbest[sl]
         closer = t < sub
-        sub[closer] = t[closer]
-        pidx[r0:r1, c0:c1][closer] = k
+        np.minimum(sub, t, out=sub)
+        np.copyto(pidx[sl], k, where=closer)
 
+    return tbest, pidx, d, o
+
+
+def render_view(scene: SceneDef, K: np.ndarray, T_c2w: np.ndarray, width: int, height: int
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray-cast one view. Returns rgb (H,W,3) uint8, z-depth (H,W) float32 m, instance (H,W) int32.
+
+    Pixel (row i, col j) is the ray through ``K^-1 [j, i, 1]`` from the camera centre, so
+    ``depth[i, j] * K^-1 [j, i, 1]`` is the hit point in the camera frame."""
+    tbest, pidx, d, o = _cast(scene, K, T_c2w, width, height)
     ids = np.array([p.instance_id for p in scene.primitives], np.int32)
     instance = np.where(pidx >= 0, ids[np.maximum(pidx, 0)], 0).astype(np.int32)
     depth = np.where(np.isfinite(tbest), tbest, 0.0).astype(np.float32)
 
-    rgb = np.zeros((height, width, 3), np.float32)
+    rgb = np.zeros((height * width, 3), np.float32)
     flat_idx = pidx.ravel()
     order = np.argsort(flat_idx, kind="stable")
-    counts = np.bincount(flat_idx[order] + 1, minlength=len(scene.primitives) + 1)
+    counts = np.bincount(flat_idx.astype(np.int64) + 1, minlength=len(scene.primitives) + 1)
     starts = np.concatenate([[0], np.cumsum(counts)])
     tflat = tbest.ravel()
-    dflat = d.reshape(-1, 3)
-    rgb_flat = rgb.reshape(-1, 3)
+    dflat = d.reshape(3, -1)
     light = _normalize(np.asarray(scene.light_dir, float))
     for k, prim in enumerate(scene.primitives):
         sel = order[starts[k + 1]:starts[k + 2]]
         if len(sel) == 0:
             continue
-        dk = dflat[sel]
-        p = o + tflat[sel, None] * dk
+        dk = dflat[:, sel].T  # (N, 3)
+        tk = tflat[sel]
+        p = o + tk[:, None] * dk
         nrm = _normals(prim, p)
-        vdir = dk / np.linalg.norm(dk, axis=1, keepdims=True)
-        facing = -(nrm * vdir).sum(1)
+        dn = (nrm * dk).sum(1)
+        inv_len = 1.0 / np.sqrt((dk * dk).sum(1))
+        facing = -dn * inv_len  # cos between normal and direction towards the camera
         nrm = np.where((facing < 0)[:, None], -nrm, nrm)
         diffuse = np.maximum(nrm @ light, 0.0)
-        head = np.abs(facing)
-        shade = scene.ambient + 0.5 * diffuse + 0.17 * head
-        col = np.asarray(prim.color, np.float32)[None] * _texture(prim, p) * shade[:, None].astype(np.float32)
-        rgb_flat[sel] = col
-    rgb8 = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        shade = (scene.ambient + 0.5 * diffuse + 0.17 * np.abs(facing)).astype(np.float32)
+        col = np.asarray(prim.color, np.float32)[None] * _texture(prim, p)
+        col *= shade[:, None]
+        rgb[sel] = col
+    rgb8 = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(height, width, 3)
     return rgb8, depth, instance
 
 
