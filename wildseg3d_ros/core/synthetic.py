@@ -558,9 +558,11 @@ def _texture(prim: Primitive, p: np.ndarray) -> np.ndarray:
         inside = has & (fu > 0.15) & (fu < 0.85) & (fv > 0.15) & (fv < 0.85)
         tone = 0.55 + 0.35 * _hash(cu, cv, zero + 5, sd + 6)
         tint = tone[:, None] * (0.85 + 0.15 * np.stack([_hash(cu, cv, zero + k, sd + 6) for k in range(3)], -1))
-        motif = np.sin(2 * np.pi * fu * (3 + 4 * _hash(cu, cv, zero + 3, sd))) * \
-            np.sin(2 * np.pi * fv * (2 + 3 * _hash(cu, cv, zero + 4, sd)))
-        post = tint * (0.8 + 0.25 * np.sign(motif))[:, None]
+        # random (non-repeating) block pattern inside each poster: distinctive for matchers
+        bu = np.floor(u / 0.045).astype(np.int64)
+        bv = np.floor(v / 0.045).astype(np.int64)
+        motif = _hash(bu, bv, zero + 7, sd + 8) - 0.5
+        post = tint * (0.85 + 0.6 * motif)[:, None]
         m3 = np.where(inside[:, None], post, m[:, None])
         return m3.astype(np.float32)
     else:
