@@ -252,13 +252,15 @@ class Sam2Segmenter(Segmenter):
         self.image_size = int(model.image_size)
         s = self.image_size
         feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-        self.predictor = ImagePredictor(model)
+        with self._quiet():  # SAM2Transforms uses torch.jit.script (FutureWarning)
+            self.predictor = ImagePredictor(model)
+            self.mask_generator = MaskGenerator(
+                model, points_per_side=int(points_per_side),
+                points_per_batch=int(points_per_batch), pred_iou_thresh=float(pred_iou_thresh),
+                stability_score_thresh=float(stability_score_thresh),
+                box_nms_thresh=float(box_nms_thresh), output_mode="binary_mask")
+        # the image predictor hard-codes the 1024-input feature sizes
         self.predictor._bb_feat_sizes = feat_sizes
-        self.mask_generator = MaskGenerator(
-            model, points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
-            pred_iou_thresh=float(pred_iou_thresh),
-            stability_score_thresh=float(stability_score_thresh),
-            box_nms_thresh=float(box_nms_thresh), output_mode="binary_mask")
         self.mask_generator.predictor._bb_feat_sizes = feat_sizes
         self._image_key: Optional[str] = None
         self._last_mask: Optional[np.ndarray] = None
