@@ -1,0 +1,564 @@
+"""RGB-D reconstruction backend: metric pointmaps from depth, pairwise poses from registration.
+
+For every keyframe the pointmap is the back-projection of its metric depth with its ``K``
+(camera frame, metres).  Confidence::
+
+    conf = 1 + conf_scale * exp(-conf_k * rel_jump)     where the depth is valid,
+    conf = 0                                             where it is not (depth 0 / NaN / > max_depth)
+
+with ``rel_jump`` the largest relative depth difference ``|d - d_nb| / d`` to the four
+neighbours (infinite next to invalid pixels), so points on depth discontinuities (mixed pixels,
+flying points) get confidence close to 1 and smooth surfaces ``1 + conf_scale``.  Invalid pixels
+keep a *finite* point (the pixel ray at the frame's median depth) so that downstream optimisers
+never see NaN; their confidence is 0.
+
+The relative pose of every pair ``(i, j)`` is registered **independently of odometry**:
+
+1. keypoints + descriptors (SIFT or ORB, OpenCV) on each keyframe, restricted to valid depth;
+2. mutual nearest-neighbour matching with Lowe's ratio test (vectorised distance matrices);
+3. ``cv2.solvePnPRansac`` with the 3D points of ``j`` (its depth) and the 2D keypoints of ``i``,
+   Levenberg-Marquardt refinement on the inliers, then a 3D consistency check of the inliers;
+4. point-to-plane ICP (Huber-weighted Gauss-Newton, projective data association on the
+   organised target pointmap, normal compatibility, coarse-to-fine correspondence gates) of the sub-sampled pointmap of ``j`` onto that of ``i``; the ICP
+   correction is accepted only if it stays within ``max_icp_correction`` of the RANSAC pose.
+
+Odometry / TF poses (``Keyframe.pose_prior``, camera-to-world), when both keyframes have one, give
+a second ICP initialisation: the candidate with the better ICP overlap wins (ties go to the
+feature-based one).  When feature registration fails (fewer than ``min_inliers`` inliers, e.g.
+on a textureless pair) the prior is used (``fallback_to_prior=True``), ICP-refined only when the
+refinement improves the overlap and moves less than ``max_icp_correction``; without a prior a
+:class:`~wildseg3d_ros.core.backends.base.BackendError` explains the failure.
+
+The prediction for edge ``(i, j)`` is the DUSt3R layout: ``pred1.pts3d`` = pointmap of ``i`` in
+its own frame, ``pred2.pts3d_in_other_view`` = pointmap of ``j`` mapped into ``i``'s frame by
+``T_ij`` (pose of camera ``j`` in camera ``i``: ``x_i = T_ij x_j``).  ``relative_poses`` and
+``registrations`` keep the last run's results for diagnostics.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
+from ..scene import Keyframe
+from .base import (BackendError, CancelFn, Pair, PointmapBackend, ProgressFn, check_cancel,
+                   report, rgb_to_dust3r_img)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pointmaps and confidence
+# ----------------------------------------------------------------------------------------------
+def depth_confidence(depth: np.ndarray, conf_scale: float = 3.0, conf_k: float = 20.0,
+                     max_depth: float = np.inf) -> np.ndarray:
+    """Per-pixel confidence (H, W) float32 from depth validity and local discontinuities."""
+    d = np.asarray(depth, dtype=np.float32)
+    valid = np.isfinite(d) & (d > 0) & (d <= max_depth)
+    dv = np.where(valid, d, np.nan).astype(np.float32)
+    pad = np.pad(dv, 1, mode="edge")
+    H, W = d.shape
+    nbs = (pad[0:H, 1:W + 1], pad[2:H + 2, 1:W + 1], pad[1:H + 1, 0:W], pad[1:H + 1, 2:W + 2])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jumps = np.stack([np.abs(dv - n) for n in nbs], 0) / dv[None]
+    jumps = np.where(np.isnan(jumps), np.inf, jumps)  # invalid neighbour -> discontinuity
+    rel = jumps.max(0)
+    conf = 1.0 + conf_scale * np.exp(-conf_k * rel)
+    return np.where(valid, conf, 0.0).astype(np.float32)
+
+
+def depth_pointmap(depth: np.ndarray, K: np.ndarray, max_depth: float = np.inf) -> np.ndarray:
+    """Camera-frame pointmap (H, W, 3) float32; invalid pixels lie on their ray at the median
+    valid depth (finite, conf 0)."""
+    d = np.asarray(depth, dtype=np.float32)
+    valid = np.isfinite(d) & (d > 0) & (d <= max_depth)
+    fill = float(np.median(d[valid])) if valid.any() else 1.0
+    return backproject_depth(np.where(valid, d, fill).astype(np.float32), K)
+
+
+def organised_normals(pts: np.ndarray, valid: np.ndarray, step: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Normals (H, W, 3) of an organised pointmap by central differences at ``step`` pixels,
+    oriented towards the camera; returns (normals, ok)."""
+    H, W, _ = pts.shape
+    s = max(1, int(step))
+    n = np.zeros_like(pts, dtype=np.float32)
+    ok = np.zeros((H, W), bool)
+    if H <= 2 * s or W <= 2 * s:
+        return n, ok
+    c = (slice(s, H - s), slice(s, W - s))
+    dx = pts[s:H - s, 2 * s:] - pts[s:H - s, :W - 2 * s]
+    dy = pts[2 * s:, s:W - s] - pts[:H - 2 * s, s:W - s]
+    cr = np.cross(dx, dy)
+    norm = np.linalg.norm(cr, axis=-1)
+    good = (valid[s:H - s, 2 * s:] & valid[s:H - s, :W - 2 * s] & valid[2 * s:, s:W - s]
+            & valid[:H - 2 * s, s:W - s] & valid[c] & (norm > 1e-12))
+    cr = cr / np.maximum(norm, 1e-12)[..., None]
+    flip = (cr * pts[c]).sum(-1) > 0
+    cr[flip] *= -1
+    n[c] = cr
+    ok[c] = good
+    return n, ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Small SE(3) helpers
+# ----------------------------------------------------------------------------------------------
+def _rodrigues(w: np.ndarray) -> np.ndarray:
+    th = float(np.linalg.norm(w))
+    if th < 1e-12:
+        return np.eye(3)
+    k = w / th
+    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(th) * Kx + (1 - np.cos(th)) * Kx @ Kx
+
+
+def pose_delta(A: np.ndarray, B: np.ndarray) -> Tuple[float, float]:
+    """(rotation degrees, translation) of ``inv(A) @ B``."""
+    D = invert_pose(A) @ B
+    return float(rotation_angle_deg(D[:3, :3])), float(np.linalg.norm(D[:3, 3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Point-to-plane ICP
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class IcpResult:
+    T: np.ndarray
+    fitness: float  # fraction of source points with a correspondence within the last gate
+    rmse: float  # point-to-plane RMS residual of those correspondences (m)
+    iterations: int
+
+
+def icp_point_to_plane(src: np.ndarray, tgt_pts: np.ndarray, tgt_nrm: np.ndarray, tgt_ok: np.ndarray,
+                       K: np.ndarray, T0: np.ndarray, src_nrm: Optional[np.ndarray] = None,
+                       gates: Sequence[float] = (0.10, 0.04, 0.015), rel_gate: float = 0.01,
+                       iters: int = 10, normal_cos: float = 0.8, huber: float = 2.0,
+                       depth_sigma: Optional[Tuple[float, float, float]] = (0.0012, 0.0019, 0.4),
+                       feat_src: Optional[np.ndarray] = None, feat_tgt: Optional[np.ndarray] = None,
+                       feat_sigma_factor: float = 3.0, eps: float = 1e-6) -> IcpResult:
+    """Point-to-plane ICP of ``src`` (N, 3) onto an *organised* target pointmap.
+
+    Correspondences by projective association (KinectFusion style): each transformed source
+    point is projected with ``K`` into the target image and paired with the target pixel's point
+    / normal (``tgt_pts``, ``tgt_nrm`` (H, W, 3), ``tgt_ok`` (H, W) bool); a pair is kept when
+    the points are closer than ``gate + rel_gate * z`` and, with ``src_nrm``, the normals agree
+    (cosine > ``normal_cos``).  Each gate (m) runs up to ``iters`` Gauss-Newton steps.
+
+    Residuals are weighted by the inverse variance of the depth noise ``sigma(z) = a + b (z - c)^2``
+    (``depth_sigma`` = (a, b, c); the default is the Kinect model of Nguyen et al. 2012; None =
+    uniform) with a Huber kernel of ``huber`` sigmas, so far, noisy (and often biased) depth does
+    not dominate.  Optional matched 3D feature points ``feat_src`` -> ``feat_tgt`` (K, 3) add
+    point-to-point residuals with sigma ``feat_sigma_factor * sigma(z)``: they pin the degrees of
+    freedom that planar geometry leaves free (ICP sliding).  Returns ``T`` with ``tgt ≈ T src``; ``fitness`` =
+    fraction of source points paired at the last gate, ``rmse`` their point-to-plane residual.
+    """
+    T = np.array(T0, dtype=np.float64)
+    src = np.asarray(src, dtype=np.float64)
+    H, W = tgt_ok.shape
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    it_total = 0
+
+    def residuals(T, gate):
+        p = src @ T[:3, :3].T + T[:3, 3]
+        z = p[:, 2]
+        zs = np.where(z > 1e-6, z, 1.0)
+        u = np.round(fx * p[:, 0] / zs + cx).astype(np.int64)
+        v = np.round(fy * p[:, 1] / zs + cy).astype(np.int64)
+        ok = (z > 1e-6) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        u, v = np.where(ok, u, 0), np.where(ok, v, 0)
+        ok &= tgt_ok[v, u]
+        q = tgt_pts[v, u].astype(np.float64)
+        nn = tgt_nrm[v, u].astype(np.float64)
+        ok &= np.linalg.norm(p - q, axis=1) < gate + rel_gate * z
+        if src_nrm is not None:
+            ok &= ((src_nrm @ T[:3, :3].T) * nn).sum(1) > normal_cos
+        r = ((p[ok] - q[ok]) * nn[ok]).sum(1)
+        return p[ok], nn[ok], r, int(ok.sum())
+
+    def sigma(z):
+        if depth_sigma is None:
+            return np.full_like(z, 0.01)
+        a, b, c = depth_sigma
+        return a + b * (z - c) ** 2
+
+    if feat_src is not None and feat_tgt is not None and len(feat_src) > 0:
+        fs = np.asarray(feat_src, np.float64)
+        ft = np.asarray(feat_tgt, np.float64)
+        fsig = feat_sigma_factor * sigma(ft[:, 2])
+    else:
+        fs = None
+
+    for gate in gates:
+        for _ in range(iters):
+            pp, nn, r, nk = residuals(T, gate)
+            if nk < 6:
+                break
+            sg = sigma(pp[:, 2])
+            rn = np.abs(r) / sg
+            w = np.where(rn <= huber, 1.0, huber / np.maximum(rn, 1e-12)) / sg ** 2
+            J = np.hstack([np.cross(pp, nn), nn])
+            Hm = J.T @ (J * w[:, None])
+            g = J.T @ (w * r)
+            if fs is not None:
+                pf = fs @ T[:3, :3].T + T[:3, 3]
+                e = pf - ft
+                en = np.linalg.norm(e, axis=1) / fsig
+                wf = np.where(en <= huber, 1.0, huber / np.maximum(en, 1e-12)) / fsig ** 2
+                # d(R p + t)/d(omega, t) = [-[p]x, I]; stack the 3 rows of every feature
+                Jf = np.zeros((len(pf), 3, 6))
+                Jf[:, 0, 1], Jf[:, 0, 2] = pf[:, 2], -pf[:, 1]
+                Jf[:, 1, 0], Jf[:, 1, 2] = -pf[:, 2], pf[:, 0]
+                Jf[:, 2, 0], Jf[:, 2, 1] = pf[:, 1], -pf[:, 0]
+                Jf[:, :, 3:] = np.eye(3)
+                Hm = Hm + np.einsum("kai,k,kaj->ij", Jf, wf, Jf)
+                g = g + np.einsum("kai,k,ka->i", Jf, wf, e)
+            Hm = Hm + 1e-9 * np.trace(Hm) * np.eye(6)
+            x = -np.linalg.solve(Hm, g)
+            dT = np.eye(4)
+            dT[:3, :3] = _rodrigues(x[:3])
+            dT[:3, 3] = x[3:]
+            T = dT @ T
+            it_total += 1
+            if np.linalg.norm(x) < eps:
+                break
+    _, _, r, nk = residuals(T, gates[-1])
+    fitness = nk / max(len(src), 1)
+    rmse = float(np.sqrt(np.mean(r ** 2))) if nk >= 6 else float("inf")
+    return IcpResult(T=T, fitness=float(fitness), rmse=float(rmse), iterations=it_total)
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and matching
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    K: np.ndarray
+    depth: np.ndarray
+    valid: np.ndarray
+    pts: np.ndarray  # (H, W, 3) camera frame
+    conf: np.ndarray
+    uv: np.ndarray = None  # (N, 2) keypoints with valid depth
+    xyz: np.ndarray = None  # (N, 3) their camera-frame points
+    desc: np.ndarray = None
+    nrm: np.ndarray = None  # (H, W, 3) normals (camera frame)
+    nrm_ok: np.ndarray = None  # (H, W) usable for ICP (valid, smooth, normal defined)
+    icp_src: np.ndarray = None  # (M, 3) sub-sampled points used as ICP source
+    icp_nrm: np.ndarray = None  # (M, 3) their normals
+
+
+def _match(desc_a: np.ndarray, desc_b: np.ndarray, binary: bool, ratio: float
+           ) -> Tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours passing the ratio test; returns index arrays (ia, ib)."""
+    if desc_a is None or desc_b is None or len(desc_a) < 2 or len(desc_b) < 2:
+        return np.zeros(0, int), np.zeros(0, int)
+    if binary:
+        a = np.unpackbits(desc_a, axis=1).astype(np.float32)
+        b = np.unpackbits(desc_b, axis=1).astype(np.float32)
+        D = a.sum(1)[:, None] + b.sum(1)[None, :] - 2.0 * (a @ b.T)
+    else:
+        a = desc_a.astype(np.float32)
+        b = desc_b.astype(np.float32)
+        D = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+        D = np.sqrt(np.maximum(D, 0.0))
+    two = np.partition(D, 1, axis=1)[:, :2]
+    best = D.argmin(1)
+    back = D.argmin(0)
+    ia = np.arange(len(a))
+    keep = (two[:, 0] < ratio * two[:, 1]) & (back[best] == ia)
+    return ia[keep], best[keep]
+
+
+@dataclass
+class PairRegistration:
+    """Result of registering keyframe ``j`` to keyframe ``i`` (``x_i = T x_j``)."""
+
+    i: int
+    j: int
+    T: np.ndarray
+    status: str  # 'registered' | 'prior' | 'prior+icp'
+    init: str  # which initialisation won: 'features' | 'prior'
+    matches: int = 0
+    inliers: int = 0
+    icp_fitness: float = float("nan")
+    icp_rmse: float = float("nan")
+    seconds: float = 0.0
+    message: str = ""
+
+
+class RgbdBackend(PointmapBackend):
+    """Pairwise predictions from metric depth + feature/ICP registration (see module docstring).
+
+    Parameters: ``feature`` ('sift' | 'orb'), ``n_features``, ``ratio`` (Lowe), ``min_inliers``,
+    ``reproj_px`` (RANSAC threshold in pixels), ``max_depth`` (m), ``conf_scale`` / ``conf_k``
+    (confidence law), ``icp`` (refine with ICP), ``icp_points`` (points per keyframe for ICP),
+    ``icp_gates`` (m), ``icp_iters``, ``max_icp_correction`` ((degrees, metres)),
+    ``use_prior_init`` (try the odometry prior as an ICP start), ``fallback_to_prior``,
+    ``scene_graph`` (used when ``predict_pairs`` gets no pairs).
+    """
+
+    name = "rgbd"
+
+    def __init__(self, feature: str = "sift", n_features: int = 4000, ratio: float = 0.8,
+                 sift_contrast: float = 0.01, kp_min_conf: float = 0.05,
+                 depth_tol: Tuple[float, float] = (0.05, 0.10),
+                 min_inliers: int = 20, reproj_px: float = 3.0, max_depth: float = 10.0,
+                 conf_scale: float = 3.0, conf_k: float = 20.0, icp: bool = True,
+                 icp_points: int = 8000, icp_gates: Sequence[float] = (0.10, 0.04, 0.015),
+                 icp_rel_gate: float = 0.01, icp_feature_weight: float = 1.0,
+                 depth_sigma: Optional[Tuple[float, float, float]] = (0.0012, 0.0019, 0.4),
+                 icp_iters: int = 10, max_icp_correction: Tuple[float, float] = (5.0, 0.10),
+                 use_prior_init: bool = True, fallback_to_prior: bool = True,
+                 scene_graph: str = "complete", seed: int = 0):
+        feature = str(feature).lower()
+        if feature not in ("sift", "orb"):
+            raise BackendError(f"rgbd backend: unknown feature {feature!r} (sift | orb)")
+        self.feature = feature
+        self.n_features = int(n_features)
+        self.sift_contrast = float(sift_contrast)
+        self.kp_min_conf = float(kp_min_conf)
+        self.depth_tol = (float(depth_tol[0]), float(depth_tol[1]))
+        self.ratio = float(ratio)
+        self.min_inliers = int(min_inliers)
+        self.reproj_px = float(reproj_px)
+        self.max_depth = float(max_depth)
+        self.conf_scale = float(conf_scale)
+        self.conf_k = float(conf_k)
+        self.icp = bool(icp)
+        self.icp_points = int(icp_points)
+        self.icp_gates = tuple(float(g) for g in icp_gates)
+        self.icp_iters = int(icp_iters)
+        self.icp_rel_gate = float(icp_rel_gate)
+        self.icp_feature_weight = float(icp_feature_weight)
+        self.depth_sigma = None if depth_sigma is None else tuple(float(x) for x in depth_sigma)
+        self.max_icp_correction = (float(max_icp_correction[0]), float(max_icp_correction[1]))
+        self.use_prior_init = bool(use_prior_init)
+        self.fallback_to_prior = bool(fallback_to_prior)
+        self.scene_graph = scene_graph
+        self.seed = int(seed)
+        #: (i, j) -> 4x4 pose of camera j in camera i, for every predicted edge of the last run
+        self.relative_poses: Dict[Pair, np.ndarray] = {}
+        #: (i, j) with i < j -> PairRegistration of the last run
+        self.registrations: Dict[Pair, PairRegistration] = {}
+
+    # -- per keyframe ------------------------------------------------------------------------
+    def _detector(self):
+        import cv2
+
+        if self.feature == "sift":
+            return cv2.SIFT_create(nfeatures=self.n_features, contrastThreshold=self.sift_contrast)
+        return cv2.ORB_create(nfeatures=self.n_features, scaleFactor=1.2, nlevels=8, fastThreshold=10)
+
+    def prepare_frame(self, kf: Keyframe, with_features: bool = True) -> _Frame:
+        if kf.depth is None:
+            raise BackendError(f"rgbd backend: keyframe {kf.index} has no depth image "
+                               "(use an RGB-D camera or the dust3r backend)")
+        depth = np.asarray(kf.depth, dtype=np.float32)
+        if depth.shape != tuple(kf.rgb.shape[:2]):
+            raise BackendError(f"rgbd backend: keyframe {kf.index} depth {depth.shape} does not match "
+                               f"its colour image {tuple(kf.rgb.shape[:2])} (register depth to colour)")
+        K = np.asarray(kf.K, dtype=np.float64)
+        valid = np.isfinite(depth) & (depth > 0) & (depth <= self.max_depth)
+        fr = _Frame(K=K, depth=depth, valid=valid, pts=depth_pointmap(depth, K, self.max_depth),
+                    conf=depth_confidence(depth, self.conf_scale, self.conf_k, self.max_depth))
+        if with_features:
+            self._features(fr, kf.rgb)
+        if self.icp:
+            self._icp_points(fr)
+        return fr
+
+    def _features(self, fr: _Frame, rgb: np.ndarray) -> None:
+        import cv2
+
+        gray = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
+        kps, desc = self._detector().detectAndCompute(gray, None)
+        if desc is None or len(kps) == 0:
+            fr.uv, fr.xyz, fr.desc = np.zeros((0, 2)), np.zeros((0, 3)), None
+            return
+        uv = cv2.KeyPoint_convert(kps).astype(np.float64).reshape(-1, 2)
+        H, W = fr.depth.shape
+        c = np.clip(np.round(uv[:, 0]).astype(int), 0, W - 1)
+        r = np.clip(np.round(uv[:, 1]).astype(int), 0, H - 1)
+        # keypoints on valid depth only, not on strong discontinuities (mixed depth pixels)
+        ok = fr.valid[r, c] & (fr.conf[r, c] > 1.0 + self.kp_min_conf * self.conf_scale)
+        d = fr.depth[r, c][ok].astype(np.float64)
+        u, v = uv[ok, 0], uv[ok, 1]
+        K = fr.K
+        fr.xyz = np.stack([(u - K[0, 2]) / K[0, 0] * d, (v - K[1, 2]) / K[1, 1] * d, d], 1)
+        fr.uv = uv[ok]
+        fr.desc = desc[ok]
+
+    def _icp_points(self, fr: _Frame) -> None:
+        H, W = fr.depth.shape
+        step = max(1, int(np.floor(np.sqrt(H * W / max(self.icp_points, 1)))))
+        nrm, nok = organised_normals(fr.pts, fr.valid, step=2)
+        fr.nrm = nrm
+        fr.nrm_ok = nok & (fr.conf > 1.0 + 0.5 * self.conf_scale)
+        sub = np.zeros_like(nok)
+        sub[step // 2::step, step // 2::step] = True
+        sel = fr.nrm_ok & sub
+        fr.icp_src = fr.pts[sel].astype(np.float64)
+        fr.icp_nrm = nrm[sel].astype(np.float64)
+
+    # -- per pair ---------------------------------------------------------------------------
+    def _ransac(self, fi: _Frame, fj: _Frame):
+        """Feature registration; returns (T_ij or None, matches, inliers, message, (xyz_j, xyz_i)
+        of the inliers or None)."""
+        import cv2
+
+        ia, ib = _match(fi.desc, fj.desc, self.feature == "orb", self.ratio)
+        nm = int(len(ia))
+        if nm < max(self.min_inliers, 6):
+            return None, nm, 0, f"only {nm} feature matches (need >= {self.min_inliers})", None
+        obj = fj.xyz[ib].astype(np.float64)
+        img = fi.uv[ia].astype(np.float64)
+        cv2.setRNGSeed(self.seed)
+        ok, rvec, tvec, inl = cv2.solvePnPRansac(obj, img, fi.K, None, iterationsCount=2000,
+                                                 reprojectionError=self.reproj_px, confidence=0.9999,
+                                                 flags=cv2.SOLVEPNP_EPNP)
+        if not ok or inl is None or len(inl) < self.min_inliers:
+            n_in = 0 if inl is None else len(inl)
+            return (None, nm, n_in, f"RANSAC PnP found {n_in} inliers of {nm} matches "
+                    f"(need >= {self.min_inliers})", None)
+        inl = inl.reshape(-1)
+        rvec, tvec = cv2.solvePnPRefineLM(obj[inl], img[inl], fi.K, None, rvec, tvec)
+        T = np.eye(4)
+        T[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T[:3, 3] = tvec.reshape(3)
+        # 3D check: the inliers' depth must agree too (rejects depth-inconsistent solutions)
+        pj = transform_points(T, obj[inl])
+        pi = fi.xyz[ia[inl]]
+        tol = self.depth_tol[0] + self.depth_tol[1] * pi[:, 2]  # depth noise grows with range
+        good = np.linalg.norm(pj - pi, axis=1) < tol
+        n_in = int(good.sum())
+        if n_in < self.min_inliers:
+            return None, nm, n_in, (f"only {n_in} of {len(inl)} PnP inliers are depth-consistent "
+                                    f"(need >= {self.min_inliers})", None)
+        sel = inl[good]
+        rvec, tvec = cv2.solvePnPRefineLM(obj[sel], img[sel], fi.K, None, rvec, tvec)
+        T[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T[:3, 3] = tvec.reshape(3)
+        return T, nm, n_in, f"{n_in} inliers of {nm} matches", (obj[sel], fi.xyz[ia[sel]])
+
+    def _icp(self, fi: _Frame, fj: _Frame, T0: np.ndarray, iters: Optional[int] = None,
+             feats=None) -> Optional[IcpResult]:
+        if not self.icp or fi.nrm_ok is None or fj.icp_src is None or len(fj.icp_src) < 6:
+            return None
+        fs, ft = feats if (feats is not None and self.icp_feature_weight > 0) else (None, None)
+        return icp_point_to_plane(fj.icp_src, fi.pts, fi.nrm, fi.nrm_ok, fi.K, T0, src_nrm=fj.icp_nrm,
+                                  gates=self.icp_gates if iters is None else self.icp_gates[-1:],
+                                  rel_gate=self.icp_rel_gate,
+                                  iters=self.icp_iters if iters is None else iters,
+                                  depth_sigma=self.depth_sigma, feat_src=fs, feat_tgt=ft,
+                                  feat_sigma_factor=1.0 / max(self.icp_feature_weight, 1e-9))
+
+    def _within(self, A: np.ndarray, B: np.ndarray) -> bool:
+        dr, dt = pose_delta(A, B)
+        return dr <= self.max_icp_correction[0] and dt <= self.max_icp_correction[1]
+
+    def register_pair(self, fi: _Frame, fj: _Frame, prior_ij: Optional[np.ndarray], i: int = 0,
+                      j: int = 1) -> PairRegistration:
+        t0 = time.perf_counter()
+        T_feat, nm, n_in, msg, feats = (self._ransac(fi, fj) if fi.desc is not None
+                                         else (None, 0, 0, "no features", None))
+        cands = []  # (fitness, rmse, T, init)
+        if T_feat is not None:
+            r = self._icp(fi, fj, T_feat, feats=feats)
+            if r is not None and np.isfinite(r.rmse) and self._within(T_feat, r.T):
+                cands.append((r.fitness, r.rmse, r.T, "features"))
+            else:
+                fit = r.fitness if r is not None else float("nan")
+                cands.append((fit if np.isfinite(fit) else 0.0, float("nan"), T_feat, "features"))
+            if prior_ij is not None and self.use_prior_init and self.icp and not self._within(T_feat, prior_ij):
+                rp = self._icp(fi, fj, prior_ij, feats=feats)
+                if rp is not None and np.isfinite(rp.rmse) and self._within(prior_ij, rp.T):
+                    cands.append((rp.fitness, rp.rmse, rp.T, "prior"))
+            # best overlap wins; the feature solution wins ties (within 2 %)
+            best = cands[0]
+            for c in cands[1:]:
+                if c[0] > best[0] + 0.02:
+                    best = c
+            return PairRegistration(i, j, best[2], "registered", best[3], nm, n_in, best[0], best[1],
+                                    time.perf_counter() - t0, msg)
+        if prior_ij is None or not self.fallback_to_prior:
+            why = "no odometry/TF prior for this pair" if prior_ij is None else "fallback_to_prior is off"
+            raise BackendError(f"rgbd backend: registration of keyframes {i} and {j} failed ({msg}) and "
+                               f"{why}; the views may not overlap or be textureless — provide pose "
+                               "priors (odometry/TF), add keyframes in between, or use the dust3r backend")
+        status, T = "prior", np.array(prior_ij, dtype=np.float64)
+        fit, rmse = float("nan"), float("nan")
+        r0 = self._icp(fi, fj, T)
+        if r0 is not None:
+            fit = r0.fitness
+            # measure the prior's own overlap at the finest gate, then accept ICP only if it helps
+            base = self._icp(fi, fj, T, iters=0)
+            fit, rmse = base.fitness, base.rmse
+            if np.isfinite(r0.rmse) and r0.fitness >= base.fitness and self._within(T, r0.T):
+                status, T, fit, rmse = "prior+icp", r0.T, r0.fitness, r0.rmse
+        return PairRegistration(i, j, T, status, "prior", nm, n_in, fit, rmse, time.perf_counter() - t0,
+                                f"feature registration failed ({msg}); used the odometry prior")
+
+    # -- public ------------------------------------------------------------------------------
+    def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
+                      progress: Optional[ProgressFn] = None,
+                      cancel: Optional[CancelFn] = None) -> dict:
+        import torch
+
+        kfs = list(keyframes)
+        n = len(kfs)
+        if n < 2:
+            raise BackendError(f"rgbd backend: need at least 2 keyframes, got {n}")
+        pairs = self._check_pairs(n, pairs if pairs is not None else self.make_pairs(n))
+        shapes = {tuple(k.rgb.shape[:2]) for k in kfs}
+        if len(shapes) != 1:
+            raise BackendError(f"rgbd backend: keyframes have different image sizes {sorted(shapes)}; "
+                               "resize them to one size first")
+        used = sorted({v for p in pairs for v in p})
+        frames: Dict[int, _Frame] = {}
+        for c, v in enumerate(used):
+            check_cancel(cancel)
+            frames[v] = self.prepare_frame(kfs[v])
+            report(progress, 0.3 * (c + 1) / len(used), f"rgbd: prepared keyframe {c + 1}/{len(used)}")
+        und = sorted({(min(i, j), max(i, j)) for i, j in pairs})
+        self.registrations = {}
+        for c, (i, j) in enumerate(und):
+            check_cancel(cancel)
+            Pi, Pj = kfs[i].pose_prior, kfs[j].pose_prior
+            prior = None
+            if Pi is not None and Pj is not None:
+                prior = invert_pose(np.asarray(Pi, np.float64)) @ np.asarray(Pj, np.float64)
+            self.registrations[(i, j)] = self.register_pair(frames[i], frames[j], prior, i, j)
+            report(progress, 0.3 + 0.65 * (c + 1) / len(und), f"rgbd: registered pair {c + 1}/{len(und)}")
+        self.relative_poses = {}
+        E = len(pairs)
+        H, W = next(iter(shapes))
+        pts1 = np.empty((E, H, W, 3), np.float32)
+        pts2 = np.empty((E, H, W, 3), np.float32)
+        conf1 = np.empty((E, H, W), np.float32)
+        conf2 = np.empty((E, H, W), np.float32)
+        for e, (i, j) in enumerate(pairs):
+            reg = self.registrations[(min(i, j), max(i, j))]
+            T = reg.T if i < j else invert_pose(reg.T)
+            self.relative_poses[(i, j)] = T
+            pts1[e] = frames[i].pts
+            conf1[e] = frames[i].conf
+            pts2[e] = transform_points(T, frames[j].pts)
+            conf2[e] = frames[j].conf
+        imgs = {v: rgb_to_dust3r_img(kfs[v].rgb) for v in used}
+        true_shape = torch.tensor([[H, W]] * E, dtype=torch.int32)
+        out = {
+            "view1": {"idx": [p[0] for p in pairs], "img": torch.stack([imgs[p[0]] for p in pairs]),
+                      "true_shape": true_shape, "instance": [str(p[0]) for p in pairs]},
+            "view2": {"idx": [p[1] for p in pairs], "img": torch.stack([imgs[p[1]] for p in pairs]),
+                      "true_shape": true_shape.clone(), "instance": [str(p[1]) for p in pairs]},
+            "pred1": {"pts3d": torch.from_numpy(pts1), "conf": torch.from_numpy(conf1)},
+            "pred2": {"pts3d_in_other_view": torch.from_numpy(pts2), "conf": torch.from_numpy(conf2)},
+        }
+        report(progress, 1.0, f"rgbd: {E} pairwise predictions")
+        return out
+
+    def registration_summary(self) -> List[dict]:
+        """One dict per registered pair of the last run (for logs / benchmarks)."""
+        return [dict(i=r.i, j=r.j, status=r.status, init=r.init, matches=r.matches, inliers=r.inliers,
+                     icp_fitness=r.icp_fitness, icp_rmse=r.icp_rmse, seconds=r.seconds, message=r.message)
+                for r in self.registrations.values()]
