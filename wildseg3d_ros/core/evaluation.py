@@ -1,0 +1,75 @@
+"""Evaluation helpers shared by the demo, tests and benchmarks: project a 3D segment into the
+keyframes (with a visibility test against each keyframe's own pointmap) and score it against
+ground-truth masks."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import cv2
+import numpy as np
+
+from .geometry import invert_pose, project_points, transform_points
+from .scene import AlignedScene
+
+
+def match_frames(keyframe_rgb: np.ndarray, frames_rgb: np.ndarray) -> np.ndarray:
+    """Index of the source frame of each keyframe (by nearest image, exact for lossless input)."""
+    kf = keyframe_rgb.reshape(len(keyframe_rgb), -1)[:, ::97].astype(np.float32)
+    fr = frames_rgb.reshape(len(frames_rgb), -1)[:, ::97].astype(np.float32)
+    d = np.abs(kf[:, None, :] - fr[None, :, :]).mean(-1)
+    return np.argmin(d, axis=1)
+
+
+def project_segment(points: np.ndarray, scene: AlignedScene, rel_tol: float = 0.03,
+                    abs_tol: float = 0.01, close_px: int = 3) -> np.ndarray:
+    """(V, H, W) bool masks of the 3D segment in every keyframe: a pixel is on when a segment
+    point projects into it and lies at that keyframe's own surface depth (not occluded)."""
+    V, H, W = scene.pts3d.shape[:3]
+    out = np.zeros((V, H, W), bool)
+    if len(points) == 0:
+        return out
+    pts = np.asarray(points, dtype=np.float64)
+    kernel = np.ones((close_px, close_px), np.uint8) if close_px > 1 else None
+    for v in range(V):
+        uv, z = project_points(pts, scene.K[v], scene.poses[v])
+        u = np.round(uv[:, 0]).astype(np.int64)
+        r = np.round(uv[:, 1]).astype(np.int64)
+        ok = (z > 1e-6) & (u >= 0) & (u < W) & (r >= 0) & (r < H)
+        u, r, z = u[ok], r[ok], z[ok]
+        cam = transform_points(invert_pose(scene.poses[v]), scene.pts3d[v].astype(np.float64))
+        zs = cam[..., 2][r, u]
+        vis = ~np.isfinite(zs) | (np.abs(z - zs) <= abs_tol + rel_tol * z)
+        m = np.zeros((H, W), np.uint8)
+        m[r[vis], u[vis]] = 1
+        if kernel is not None:
+            m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
+        out[v] = m.astype(bool)
+    return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return float(inter / union) if union else 1.0
+
+
+def segment_iou_per_view(points: np.ndarray, scene: AlignedScene, gt_masks: np.ndarray
+                         ) -> Tuple[np.ndarray, np.ndarray]:
+    """IoU of the projected segment against (V, H, W) ground-truth masks, per keyframe."""
+    pred = project_segment(points, scene)
+    ious = np.array([mask_iou(pred[v], gt_masks[v]) for v in range(len(pred))])
+    return ious, pred
+
+
+def points_iou_3d(points: np.ndarray, gt_points: np.ndarray, voxel: float = 0.01) -> float:
+    """IoU of two point sets on a voxel grid (occupancy IoU)."""
+    if len(points) == 0 and len(gt_points) == 0:
+        return 1.0
+    if len(points) == 0 or len(gt_points) == 0:
+        return 0.0
+    a = np.unique(np.floor(np.asarray(points) / voxel).astype(np.int64), axis=0)
+    b = np.unique(np.floor(np.asarray(gt_points) / voxel).astype(np.int64), axis=0)
+    both = np.concatenate([a, b])
+    _, counts = np.unique(both, axis=0, return_counts=True)
+    inter = int((counts == 2).sum())
+    return inter / float(len(a) + len(b) - inter)

@@ -1,0 +1,56 @@
+"""Rebuild an AlignedScene from the published organised scene cloud.
+
+The scene cloud (core.cloud scene layout) carries, per keyframe pixel, the aligned world point,
+colour, confidence, keyframe index and mask-cache label. Every aligned pointmap is an exact
+pinhole pointmap (each pixel's point lies on its camera ray), so each keyframe's intrinsics and
+camera-to-world pose are recovered by a linear resection (DLT) over its own pixels; the message
+is therefore self-contained and cannot disagree with a separately published pose message."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import cloud as corecloud
+from .geometry import resect_pinhole
+from .scene import AlignedScene, MaskCache
+
+
+class SceneDecodeError(ValueError):
+    """A scene cloud whose fields are inconsistent (keyframe index, sizes, cameras)."""
+
+
+def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
+    """arr: structured array of shape (V*H, W) in the scene layout. Raises SceneDecodeError."""
+    if arr.ndim != 2 or arr.size == 0:
+        raise SceneDecodeError(f"scene cloud must be organised (height x width) and non-empty, got {arr.shape}")
+    if "keyframe" not in (arr.dtype.names or ()):
+        raise SceneDecodeError("scene cloud has no 'keyframe' field")
+    rows_kf = arr["keyframe"][:, 0].astype(np.int64)
+    V = int(rows_kf.max()) + 1
+    height, width = arr.shape
+    if height % V:
+        raise SceneDecodeError(f"scene cloud height {height} is not a multiple of the {V} keyframes it names")
+    H = height // V
+    expect = np.repeat(np.arange(V), H)
+    if not np.array_equal(rows_kf, expect) or not (arr["keyframe"] == rows_kf[:, None]).all():
+        raise SceneDecodeError("scene cloud 'keyframe' field is inconsistent with its row blocks "
+                               "(keyframe v must fill rows v*H .. v*H+H-1)")
+    d = corecloud.unpack_scene_cloud(arr, height, width, V)
+    pts, conf = d["pts3d"], d["conf"]
+    valid = np.isfinite(pts).all(-1) & (conf > 0)
+    Ks, poses = [], []
+    for v in range(V):
+        try:
+            K, T = resect_pinhole(pts[v], valid[v])
+        except ValueError as e:
+            raise SceneDecodeError(f"keyframe {v}: cannot recover its camera from the cloud ({e})") from None
+        Ks.append(K)
+        poses.append(T)
+    labels = d["label"]
+    objects = {}
+    ids = np.unique(labels)
+    for i in ids[ids > 0]:
+        area = (labels == i).reshape(V, -1).sum(1)
+        objects[int(i)] = {"views": [int(x) for x in np.nonzero(area)[0]], "area": [int(a) for a in area]}
+    mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects)
+    return AlignedScene(pts3d=pts, conf=conf, poses=np.stack(poses), K=np.stack(Ks), rgb=d["rgb"],
+                        mask_cache=mc, frame_id=frame_id)

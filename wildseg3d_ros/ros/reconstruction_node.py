@@ -1,0 +1,476 @@
+"""reconstruction_node: camera stream -> keyframes -> reconstructed, segmented scene.
+
+Subscriptions (relative names; remap them):
+  image (sensor_msgs/Image, sensor-data QoS) or image/compressed (sensor_msgs/CompressedImage)
+  depth (sensor_msgs/Image 16UC1 mm or 32FC1 m), camera_info (sensor_msgs/CameraInfo)
+  odom (nav_msgs/Odometry) and pose (geometry_msgs/PoseStamped): camera poses in world_frame
+Publications (reliable + transient local):
+  wildseg3d/scene (sensor_msgs/PointCloud2, organised: V*H rows x W, fields x y z rgb confidence
+  keyframe label), wildseg3d/keyframe_poses (geometry_msgs/PoseArray), /diagnostics
+Services: ~/reconstruct, ~/reset (std_srvs/Trigger)
+
+Threads: callbacks only store messages (cheap); a keyframe thread decodes and selects
+keyframes; a worker thread runs the reconstruction, cancellable by ~/reset.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from typing import Optional
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseArray, PoseStamped
+from nav_msgs.msg import Odometry
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_srvs.srv import Trigger
+
+from ..core import cloud as corecloud
+from ..core.keyframes import KeyframeBuffer, KeyframePolicy
+from ..core.pipeline import PipelineCancelled, PipelineConfig, PipelineError, ReconstructionPipeline
+from . import convert
+from .params import ParamSpec, ParameterTable
+from .throttled_log import ThrottledLogger
+
+PARAMS = [
+    ParamSpec("world_frame", "map", "Frame of the published scene when camera poses are known "
+              "(odometry/pose topics or TF); otherwise reconstruction_frame is used."),
+    ParamSpec("reconstruction_frame", "wildseg3d_reconstruction", "Frame of the scene when no camera "
+              "pose is known: anchored at the first keyframe, scale unknown for monocular backends."),
+    ParamSpec("use_tf", True, "Look up the camera pose in world_frame from TF (tf2_ros) when it is "
+              "importable; pose/odom topics are used otherwise or in addition."),
+    ParamSpec("tf_timeout_s", 0.05, "TF lookup timeout per frame (s).", 0.0, 5.0),
+    ParamSpec("input.use_compressed", False, "Subscribe to image/compressed (jpeg/png) instead of image."),
+    ParamSpec("input.depth_sync_tolerance_s", 0.05, "Max |t_colour - t_depth| to pair a depth image.", 0.0, 1.0),
+    ParamSpec("input.pose_sync_tolerance_s", 0.1, "Max |t_image - t_pose| to use a pose message.", 0.0, 5.0),
+    ParamSpec("input.max_pixels", 4096 * 3072, "Images above this pixel count are refused.", 1, 1 << 28),
+    ParamSpec("input.require_depth", True, "rgbd backend: drop colour frames with no depth partner.", ),
+    ParamSpec("keyframes.min_interval_s", 0.3, "Minimum time between keyframes (s).", 0.0, 60.0),
+    ParamSpec("keyframes.min_translation_m", 0.05, "Minimum camera translation between keyframes "
+              "when poses are known (m).", 0.0, 10.0),
+    ParamSpec("keyframes.min_rotation_deg", 5.0, "Minimum camera rotation between keyframes when "
+              "poses are known (deg); either motion threshold suffices.", 0.0, 180.0),
+    ParamSpec("keyframes.min_flow_px", 20.0, "Minimum image motion between keyframes when no pose "
+              "is known (px at full resolution).", 0.0, 1000.0),
+    ParamSpec("keyframes.min_sharpness", 20.0, "Frames whose variance of Laplacian is below this "
+              "are rejected as blurred (0 disables).", 0.0, 1e6),
+    ParamSpec("keyframes.max_keyframes", 8, "Bounded keyframe buffer size.", 2, 64),
+    ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
+              "many new keyframes (0: only on ~/reconstruct).", 0, 64),
+    ParamSpec("backend", "rgbd", "Pointmap backend.", choices=("rgbd", "dust3r")),
+    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint (.pth file or save_pretrained folder)."),
+    ParamSpec("dust3r.image_size", 512, "DUSt3R input size (512 or 224).", 224, 512),
+    ParamSpec("dust3r.batch_size", 4, "Pairs per inference batch.", 1, 64),
+    ParamSpec("scene_graph", "complete", "Pair graph: complete | swin-<k> | oneref-<k>."),
+    ParamSpec("segmenter", "classical", "Mask-cache segmenter.", choices=("classical", "sam2")),
+    ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
+    ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only)."),
+    ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),
+    ParamSpec("device", "cpu", "torch device for alignment / models (cpu, cuda, cuda:N)."),
+    ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
+    ParamSpec("dga.alpha_n", 0.9, "DGA alpha magnitude for non-matching points (paper: 0.9).", -0.99, 0.99),
+    ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500).", 1, 10000),
+    ParamSpec("dga.weighting", "dga", "Per-point weights: dga (paper) or confidence (DUSt3R baseline).",
+              choices=("dga", "confidence")),
+    ParamSpec("dga.match_threshold", 0.03, "Reciprocal-NN match distance, relative to depth.", 1e-4, 1.0),
+    ParamSpec("use_pose_priors", True, "Use known camera poses as alignment priors."),
+    ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),
+]
+
+
+class ReconstructionNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("reconstruction_node", **kwargs)
+        self.log = ThrottledLogger(self.get_logger())
+        self.params = ParameterTable(self, PARAMS, on_change=self._on_params_changed)
+        p = self.params
+        self._lock = threading.Lock()
+        self._buffer = KeyframeBuffer(self._policy())
+        self._pipeline: Optional[ReconstructionPipeline] = None
+        self._pipeline_key = None
+        self._pipeline_error: Optional[str] = None
+        self._latest_image = collections.deque(maxlen=1)
+        self._depth_ring = collections.deque(maxlen=30)
+        self._pose_ring = collections.deque(maxlen=200)
+        self._K: Optional[np.ndarray] = None
+        self._K_shape = None
+        self._new_frame = threading.Event()
+        self._stop = threading.Event()
+        self._job: Optional[threading.Thread] = None
+        self._cancel = threading.Event()
+        self._generation = 0
+        self._new_since_reconstruction = 0
+        self._scene = None
+        self.stats = collections.Counter()
+        self.last_error = ""
+        self.last_reconstruction = {}
+        self._last_image_stamp = None
+
+        # subscriptions (callbacks only store)
+        if p["input.use_compressed"]:
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, convert.SENSOR_QOS)
+        else:
+            self.create_subscription(Image, "image", self._on_image, convert.SENSOR_QOS)
+        self.create_subscription(Image, "depth", self._on_depth, convert.SENSOR_QOS)
+        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, convert.SENSOR_QOS)
+        self.create_subscription(Odometry, "odom", self._on_odom, 50)
+        self.create_subscription(PoseStamped, "pose", self._on_pose, 50)
+        self.scene_pub = self.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
+        self.poses_pub = self.create_publisher(PoseArray, "wildseg3d/keyframe_poses", convert.LATCHED_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(Trigger, "~/reconstruct", self._srv_reconstruct)
+        self.create_service(Trigger, "~/reset", self._srv_reset)
+        self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+
+        self._tf_buffer = None
+        if p["use_tf"]:
+            try:  # tf2_ros is not on PyPI; it is on every real ROS install
+                import tf2_ros  # noqa: F401
+                self._tf_buffer = tf2_ros.Buffer()
+                self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+            except ImportError:
+                self.get_logger().info("tf2_ros not importable: camera poses come from the odom/pose topics only")
+
+        self._kf_thread = threading.Thread(target=self._keyframe_loop, name="keyframes", daemon=True)
+        self._kf_thread.start()
+        threading.Thread(target=self._ensure_pipeline, name="pipeline-init", daemon=True).start()
+        self.get_logger().info(
+            f"reconstruction_node ready: backend={p['backend']} segmenter={p['segmenter']} "
+            f"device={p['device']} reconstruct_at={p['keyframes.reconstruct_at']}")
+
+    # ------------------------------------------------------------------ parameters
+    def _policy(self) -> KeyframePolicy:
+        g = self.params.grouped("keyframes")
+        return KeyframePolicy(min_interval_s=g["min_interval_s"], min_translation_m=g["min_translation_m"],
+                              min_rotation_deg=g["min_rotation_deg"], min_flow_px=g["min_flow_px"],
+                              min_sharpness=g["min_sharpness"], max_keyframes=g["max_keyframes"])
+
+    def _on_params_changed(self, changed):
+        if any(k.startswith("keyframes.") for k in changed):
+            self._buffer.policy = self._policy()
+        # models are rebuilt lazily at the next reconstruction when their parameters changed
+
+    def _pipeline_config(self) -> PipelineConfig:
+        p = self.params
+        backend_kwargs = {}
+        if p["backend"] == "dust3r":
+            backend_kwargs = dict(checkpoint=p["dust3r.checkpoint"], image_size=p["dust3r.image_size"],
+                                  batch_size=p["dust3r.batch_size"])
+        seg_kwargs = {}
+        if p["segmenter"] == "sam2":
+            seg_kwargs = dict(config=p["sam2.config"], checkpoint=p["sam2.checkpoint"],
+                              points_per_side=p["sam2.points_per_side"])
+        return PipelineConfig(backend=p["backend"], backend_kwargs=backend_kwargs, segmenter=p["segmenter"],
+                              segmenter_kwargs=seg_kwargs, scene_graph=p["scene_graph"], device=p["device"],
+                              alpha_p=p["dga.alpha_p"], alpha_n=p["dga.alpha_n"], iterations=p["dga.iterations"],
+                              weighting=p["dga.weighting"], match_threshold=p["dga.match_threshold"],
+                              use_pose_priors=p["use_pose_priors"])
+
+    def _ensure_pipeline(self) -> Optional[ReconstructionPipeline]:
+        """Build backend + segmenter for the current parameters (slow for models); on failure the
+        node stays up and reports the error in the log and in diagnostics."""
+        cfg = self._pipeline_config()
+        key = (cfg.backend, tuple(sorted(cfg.backend_kwargs.items())), cfg.segmenter,
+               tuple(sorted(cfg.segmenter_kwargs.items())), cfg.device)
+        with self._lock:
+            if self._pipeline is not None and self._pipeline_key == key:
+                self._pipeline.cfg = cfg
+                return self._pipeline
+        try:
+            pipe = ReconstructionPipeline(cfg)
+        except Exception as e:  # missing package / checkpoint: clear error, keep running
+            msg = f"cannot set up backend '{cfg.backend}' / segmenter '{cfg.segmenter}': {e}"
+            self.get_logger().error(msg)
+            with self._lock:
+                self._pipeline_error = msg
+                self.last_error = msg
+            return None
+        with self._lock:
+            self._pipeline, self._pipeline_key, self._pipeline_error = pipe, key, None
+        return pipe
+
+    # ------------------------------------------------------------------ callbacks (cheap)
+    def _on_image(self, msg):
+        self.stats["images_received"] += 1
+        if self._latest_image:
+            self.stats["images_superseded"] += 1  # the keyframe thread had not taken the previous one
+        self._latest_image.append((time.monotonic(), msg))
+        self._new_frame.set()
+
+    def _on_depth(self, msg: Image):
+        self.stats["depth_received"] += 1
+        self._depth_ring.append((convert.stamp_to_sec(msg.header.stamp), msg))
+
+    def _on_camera_info(self, msg: CameraInfo):
+        try:
+            K = convert.camera_info_to_K(msg)
+        except ValueError as e:
+            self.stats["bad_camera_info"] += 1
+            self.log.error("camera_info", f"CameraInfo refused ({e}); keeping the previous intrinsics")
+            return
+        self._K, self._K_shape = K, (msg.height, msg.width)
+
+    def _on_odom(self, msg: Odometry):
+        self._store_pose(msg.header, msg.pose.pose)
+
+    def _on_pose(self, msg: PoseStamped):
+        self._store_pose(msg.header, msg.pose)
+
+    def _store_pose(self, header, pose):
+        try:
+            T = convert.pose_to_matrix(pose)
+        except ValueError as e:
+            self.stats["bad_pose"] += 1
+            self.log.error("pose", f"camera pose message refused: {e}")
+            return
+        if header.frame_id and header.frame_id != self.params["world_frame"]:
+            self.log.warning("pose_frame", f"camera pose is in frame '{header.frame_id}', expected world_frame "
+                             f"'{self.params['world_frame']}': used as if it were world_frame")
+        self._pose_ring.append((convert.stamp_to_sec(header.stamp), T))
+
+    # ------------------------------------------------------------------ keyframe thread
+    def _keyframe_loop(self):
+        while not self._stop.is_set():
+            if not self._new_frame.wait(0.2):
+                continue
+            self._new_frame.clear()
+            try:
+                t_recv, msg = self._latest_image.popleft()
+            except IndexError:
+                continue
+            try:
+                self._process_frame(msg)
+            except Exception as e:  # never let the thread die
+                self.stats["frame_errors"] += 1
+                self.last_error = f"frame processing failed: {e}"
+                self.log.error("frame", f"{self.last_error}\n{traceback.format_exc(limit=3)}")
+
+    def _lookup_pose(self, stamp: float, frame_id: str) -> Optional[np.ndarray]:
+        tol = self.params["input.pose_sync_tolerance_s"]
+        if self._tf_buffer is not None:
+            try:
+                from rclpy.duration import Duration
+                from rclpy.time import Time
+                tf = self._tf_buffer.lookup_transform(
+                    self.params["world_frame"], frame_id, Time(nanoseconds=int(stamp * 1e9)),
+                    timeout=Duration(seconds=self.params["tf_timeout_s"]))
+                tr, q = tf.transform.translation, tf.transform.rotation
+                from ..core.geometry import pose_from_xyz_quat
+                return pose_from_xyz_quat([tr.x, tr.y, tr.z], [q.x, q.y, q.z, q.w])
+            except Exception as e:  # extrapolation, unknown frame, timeout
+                self.log.warning("tf", f"no TF {self.params['world_frame']} <- {frame_id} at t={stamp:.3f}: {e}")
+        ring = list(self._pose_ring)
+        if not ring:
+            return None
+        ts = np.array([r[0] for r in ring])
+        i = int(np.argmin(np.abs(ts - stamp)))
+        if abs(ts[i] - stamp) > tol:
+            return None
+        return ring[i][1]
+
+    def _find_depth(self, stamp: float):
+        ring = list(self._depth_ring)
+        if not ring:
+            return None
+        ts = np.array([r[0] for r in ring])
+        i = int(np.argmin(np.abs(ts - stamp)))
+        if abs(ts[i] - stamp) > self.params["input.depth_sync_tolerance_s"]:
+            return None
+        return ring[i][1]
+
+    def _process_frame(self, msg):
+        p = self.params
+        stamp = convert.stamp_to_sec(msg.header.stamp)
+        if self._K is None:
+            self.log.warning("no_info", "no valid CameraInfo received yet: frames are not buffered")
+            self.stats["dropped_no_camera_info"] += 1
+            return
+        pose = self._lookup_pose(stamp, msg.header.frame_id)
+        ok, reason = self._buffer.cheap_reject(stamp, pose)
+        if not ok:
+            self.stats[f"rejected_{reason}"] += 1
+            if reason in ("timestamp_backwards", "duplicate_timestamp"):
+                self.log.warning(reason, f"image at t={stamp:.3f} refused: {reason.replace('_', ' ')}")
+            return
+        try:
+            if isinstance(msg, CompressedImage):
+                rgb = convert.compressed_to_array(msg, p["input.max_pixels"])
+            else:
+                rgb = convert.image_to_array(msg, p["input.max_pixels"])
+        except ValueError as e:
+            self.stats["bad_image"] += 1
+            self.log.error("image", f"image refused: {e}")
+            return
+        if rgb.ndim != 3:
+            self.stats["bad_image"] += 1
+            self.log.error("image", f"image topic carries a depth encoding ({getattr(msg, 'encoding', '?')}); "
+                           "expected a colour image")
+            return
+        if self._K_shape and tuple(self._K_shape) != rgb.shape[:2] and self._K_shape[0] > 0:
+            self.stats["bad_image"] += 1
+            self.log.error("info_size", f"CameraInfo is {self._K_shape[1]}x{self._K_shape[0]} but the image is "
+                           f"{rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
+            return
+        depth = None
+        if p["backend"] == "rgbd":
+            dmsg = self._find_depth(stamp)
+            if dmsg is None:
+                self.stats["dropped_no_depth"] += 1
+                self.log.warning("no_depth", f"no depth image within {p['input.depth_sync_tolerance_s']} s of "
+                                 f"the colour frame at t={stamp:.3f}: frame dropped")
+                return
+            try:
+                depth, dstats = convert.depth_to_array(dmsg, p["input.max_pixels"])
+            except ValueError as e:
+                self.stats["bad_depth"] += 1
+                self.log.error("depth", f"depth image refused: {e}")
+                return
+            if depth.shape != rgb.shape[:2]:
+                self.stats["bad_depth"] += 1
+                self.log.error("depth_size", f"depth {depth.shape[1]}x{depth.shape[0]} does not match colour "
+                               f"{rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
+                return
+            if dstats["valid"] == 0:
+                self.stats["bad_depth"] += 1
+                self.log.error("depth_invalid", "depth image has no valid pixel (all 0/NaN/inf/negative): frame dropped")
+                return
+            if dstats["nan"] + dstats["inf"] + dstats["negative"] > 0:
+                self.log.warning("depth_values", f"depth had {dstats['nan']} NaN, {dstats['inf']} inf, "
+                                 f"{dstats['negative']} negative values: treated as invalid")
+        accepted, reason = self._buffer.offer(rgb, stamp, self._K.copy(), depth=depth, pose=pose,
+                                              frame_id=msg.header.frame_id or "camera")
+        self.stats[f"keyframe_{'accepted' if accepted else reason}"] += 1
+        if accepted:
+            self._new_since_reconstruction += 1
+            n_at = p["keyframes.reconstruct_at"]
+            if n_at > 0 and len(self._buffer) >= n_at and self._new_since_reconstruction >= n_at:
+                self._start_job("auto")
+
+    # ------------------------------------------------------------------ reconstruction job
+    def _start_job(self, why: str):
+        with self._lock:
+            if self._job is not None and self._job.is_alive():
+                return False, "a reconstruction is already running"
+            kfs = self._buffer.keyframes()
+            if len(kfs) < 2:
+                return False, f"too few keyframes: {len(kfs)} buffered, at least 2 needed"
+            self._cancel = threading.Event()
+            self._generation += 1
+            gen = self._generation
+            self._new_since_reconstruction = 0
+            self._job = threading.Thread(target=self._run_job, args=(kfs, gen, self._cancel, why),
+                                         name="reconstruction", daemon=True)
+            self._job.start()
+        return True, f"reconstruction of {len(kfs)} keyframes started"
+
+    def _run_job(self, kfs, gen, cancel: threading.Event, why: str):
+        t0 = time.perf_counter()
+        self.get_logger().info(f"reconstructing {len(kfs)} keyframes ({why})")
+        pipe = self._ensure_pipeline()
+        if pipe is None:
+            return
+        known = all(kf.pose_prior is not None for kf in kfs)
+        frame = self.params["world_frame"] if known else self.params["reconstruction_frame"]
+        try:
+            scene, timings = pipe.run(kfs, cancel=cancel.is_set, frame_id=frame)
+        except PipelineCancelled:
+            self.get_logger().info("reconstruction cancelled; its result is discarded")
+            return
+        except Exception as e:
+            self.last_error = f"reconstruction failed: {e}"
+            self.get_logger().error(f"{self.last_error}\n{traceback.format_exc(limit=4)}")
+            return
+        with self._lock:
+            if cancel.is_set() or gen != self._generation:
+                self.get_logger().info("reconstruction finished after a reset: result discarded")
+                return
+            self._scene = scene
+        self.last_reconstruction = dict(timings, loss=float(scene.loss), views=scene.num_views,
+                                        objects=int(len(scene.mask_cache.object_ids())) if scene.mask_cache else 0,
+                                        wall_s=time.perf_counter() - t0)
+        self._publish_scene(scene)
+        self.get_logger().info(
+            f"scene published: {scene.num_views} keyframes, "
+            f"{self.last_reconstruction['objects']} objects, frame '{scene.frame_id}', "
+            f"{self.last_reconstruction['wall_s']:.2f} s")
+
+    def _publish_scene(self, scene):
+        stamp = self.get_clock().now().to_msg()
+        arr, h, w = corecloud.pack_scene_cloud(scene)
+        self.scene_pub.publish(convert.struct_to_cloud(arr, scene.frame_id, stamp, h, w))
+        self.poses_pub.publish(convert.poses_to_pose_array(scene.poses, scene.frame_id, stamp))
+
+    def _publish_empty_scene(self):
+        stamp = self.get_clock().now().to_msg()
+        arr = np.zeros((0,), dtype=corecloud.scene_cloud_dtype())
+        self.scene_pub.publish(convert.struct_to_cloud(arr, self.params["reconstruction_frame"], stamp, 0, 0))
+        self.poses_pub.publish(PoseArray(header=convert.make_header(self.params["reconstruction_frame"], stamp)))
+
+    # ------------------------------------------------------------------ services
+    def _srv_reconstruct(self, req, resp):
+        ok, msg = self._start_job("service")
+        resp.success, resp.message = ok, msg
+        if not ok:
+            self.get_logger().warning(f"~/reconstruct refused: {msg}")
+        return resp
+
+    def _srv_reset(self, req, resp):
+        with self._lock:
+            self._cancel.set()
+            self._generation += 1
+            self._buffer.clear()
+            self._scene = None
+            self._new_since_reconstruction = 0
+            running = self._job is not None and self._job.is_alive()
+        self._latest_image.clear()
+        self._publish_empty_scene()
+        resp.success = True
+        resp.message = "buffer and scene cleared" + (" (running reconstruction cancelled)" if running else "")
+        self.get_logger().info(resp.message)
+        return resp
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self):
+        st = DiagnosticStatus(name="wildseg3d: reconstruction_node", hardware_id=self.params["device"])
+        running = self._job is not None and self._job.is_alive()
+        if self._pipeline_error:
+            st.level, st.message = DiagnosticStatus.ERROR, self._pipeline_error[:200]
+        elif self.last_error:
+            st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
+        else:
+            st.level, st.message = DiagnosticStatus.OK, "reconstructing" if running else "ok"
+        kv = {"backend": self.params["backend"], "segmenter": self.params["segmenter"],
+              "buffer_fill": f"{len(self._buffer)}/{self.params['keyframes.max_keyframes']}",
+              "reconstruction_running": str(running)}
+        kv.update({k: str(v) for k, v in self.stats.items()})
+        kv.update({f"last_reconstruction.{k}": f"{v:.4g}" if isinstance(v, float) else str(v)
+                   for k, v in self.last_reconstruction.items()})
+        st.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
+        self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
+                                              status=[st]))
+
+    def destroy_node(self):
+        self._stop.set()
+        self._cancel.set()
+        return super().destroy_node()
+
+
+def main(args=None):
+    rclpy.init(args=args)
+    node = ReconstructionNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+
+
+if __name__ == "__main__":
+    main()
