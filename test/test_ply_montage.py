@@ -121,3 +121,16 @@ def test_montage_png(tmp_path):
     assert img2.shape == img.shape
     with pytest.raises(ValueError):
         make_montage(rgb, masks[:2], pts, col)
+
+
+def test_view_from_keyframe_pose():
+    pts, col = _cube_points()
+    K, pose = default_render_camera(pts, 120, 160, view_from=np.eye(4))
+    c = pts.mean(0)
+    fwd = c / np.linalg.norm(c)
+    np.testing.assert_allclose(pose[:3, 2], fwd, atol=1e-9)        # looks from origin at centroid
+    assert np.dot(pose[:3, 1], [0, 1, 0]) > 0.9                      # keeps the view's "down"
+    np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(pose[:3, :3]) > 0.999                       # proper rotation
+    _, depth = render_points(pts, col, K, pose, 120, 160)
+    assert np.isfinite(depth).mean() > 0.05

@@ -30,9 +30,14 @@ RENDER_BG = (20, 20, 30)
 
 
 def default_render_camera(points: np.ndarray, H: int, W: int, K: Optional[np.ndarray] = None,
-                          fov_deg: float = 50.0, margin: float = 1.25
+                          fov_deg: float = 50.0, margin: float = 1.25,
+                          view_from: Optional[np.ndarray] = None
                           ) -> Tuple[np.ndarray, np.ndarray]:
-    """(K, camera-to-world pose) looking at the points' centroid so that they fill the view."""
+    """(K, camera-to-world pose) looking at the points' centroid so that they fill the view.
+
+    Viewing direction: from ``view_from``'s position (a camera-to-world pose, e.g. a keyframe's;
+    its image "down" axis is kept as down) when given, else along the least-spread principal
+    axis of the points."""
     if K is None:
         f = 0.5 * W / math.tan(math.radians(fov_deg) / 2)
         K = np.array([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]], np.float64)
@@ -43,13 +48,23 @@ def default_render_camera(points: np.ndarray, H: int, W: int, K: Optional[np.nda
         return K, np.eye(4)
     c = pts.mean(0)
     d = pts - c
-    if len(pts) >= 3:
+    if view_from is not None:
+        vf = np.asarray(view_from, np.float64)
+        fwd = c - vf[:3, 3]
+        if np.linalg.norm(fwd) < 1e-9:
+            fwd = vf[:3, 2]
+        fwd = fwd / np.linalg.norm(fwd)
+        right = np.cross(vf[:3, 1], fwd)           # keep the view's "down" (y) as down
+        if np.linalg.norm(right) < 1e-9:
+            right = vf[:3, 0]
+        right = right / np.linalg.norm(right)
+    elif len(pts) >= 3:
         _, _, vt = np.linalg.svd(d[:: max(1, len(d) // 5000)], full_matrices=False)
         fwd, right = vt[2], vt[0]
+        if np.dot(fwd, np.array([0, 0, 1.0])) < 0:  # prefer looking along world +z
+            fwd = -fwd
     else:
         fwd, right = np.array([0, 0, 1.0]), np.array([1.0, 0, 0])
-    if np.dot(fwd, np.array([0, 0, 1.0])) < 0:  # prefer looking along +z (OpenCV forward)
-        fwd = -fwd
     down = np.cross(fwd, right)
     right = np.cross(down, fwd)
     R = np.stack([right / np.linalg.norm(right), down / np.linalg.norm(down),
@@ -128,8 +143,11 @@ def make_montage(rgb: np.ndarray, masks: np.ndarray, points: np.ndarray, colors:
                  K_render: Optional[np.ndarray] = None, pose_render: Optional[np.ndarray] = None,
                  out_path=None, gt_masks: Optional[np.ndarray] = None,
                  titles: Optional[Sequence[str]] = None, ncols: Optional[int] = None,
-                 splat: int = 1) -> np.ndarray:
-    """Build (and write to ``out_path`` as PNG when given) the montage; returns it as RGB uint8."""
+                 splat: int = 1, view_from: Optional[np.ndarray] = None) -> np.ndarray:
+    """Build (and write to ``out_path`` as PNG when given) the montage; returns it as RGB uint8.
+
+    ``pose_render`` None: the render camera is :func:`default_render_camera` (``view_from``, e.g.
+    a keyframe pose, sets the viewing side)."""
     rgb = np.asarray(rgb)
     masks = np.asarray(masks, bool)
     if rgb.ndim != 4 or rgb.shape[-1] != 3 or masks.shape != rgb.shape[:3]:
@@ -159,7 +177,7 @@ def make_montage(rgb: np.ndarray, masks: np.ndarray, points: np.ndarray, colors:
     cols = np.asarray(colors).reshape(-1, 3)
     if cols.dtype != np.uint8:
         cols = np.clip(np.nan_to_num(cols.astype(np.float64)).round(), 0, 255).astype(np.uint8)
-    K, pose = default_render_camera(pts, H, W, K_render)
+    K, pose = default_render_camera(pts, H, W, K_render, view_from=view_from)
     if pose_render is not None:
         pose = np.asarray(pose_render, np.float64)
     render, _ = render_points(pts, cols, K, pose, H, W, splat=splat)
