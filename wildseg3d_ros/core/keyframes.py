@@ -65,7 +65,7 @@ class KeyframePolicy:
     min_rotation_deg: float = 5.0
     min_flow_px: float = 20.0            # full-resolution pixels, used when poses are unknown
     min_sharpness: float = 15.0          # variance of Laplacian on the downsampled grey image
-    min_relative_sharpness: float = 0.5  # x median sharpness of recent frames (0 disables)
+    min_relative_sharpness: float = 0.4  # x median sharpness of recent frames (0 disables)
     sharpness_history: int = 15
     max_keyframes: int = 8
     analysis_width: int = 320            # width of the grey copy used for sharpness and flow
