@@ -43,36 +43,44 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
     return rgb2lab(np.asarray(rgb)[..., :3]).astype(np.float32)
 
 
+def _tangents(pts: np.ndarray, valid: np.ndarray, axis: int):
+    """Forward and backward differences (H, W, 3) along an image axis (NaN where invalid)."""
+    p = np.where(valid[..., None], pts, np.nan).astype(np.float32)
+    fwd = np.full(p.shape, np.nan, np.float32)
+    bwd = np.full(p.shape, np.nan, np.float32)
+    if axis == 1:
+        fwd[:, :-1] = p[:, 1:] - p[:, :-1]
+        bwd[:, 1:] = p[:, 1:] - p[:, :-1]
+    else:
+        fwd[:-1] = p[1:] - p[:-1]
+        bwd[1:] = p[1:] - p[:-1]
+    return fwd, bwd
+
+
+def _shorter(fwd, bwd):
+    nf = np.linalg.norm(fwd, axis=-1)
+    nb = np.linalg.norm(bwd, axis=-1)
+    nf = np.where(np.isfinite(nf), nf, np.inf)
+    nb = np.where(np.isfinite(nb), nb, np.inf)
+    return np.where((nf <= nb)[..., None], fwd, np.where(np.isfinite(nb)[..., None], bwd, fwd))
+
+
+def _normal(tu, tv):
+    n = -np.cross(tu, tv)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = n / np.linalg.norm(n, axis=-1, keepdims=True)
+    n[~np.isfinite(n).all(-1)] = 0.0
+    return n
+
+
 def pointmap_normals(pts: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Unit normals (H, W, 3) of a pointmap, oriented towards the camera (image-grid order).
 
     Each tangent uses the shorter of the forward / backward difference, so normals next to a
     depth discontinuity come from the pixel's own surface."""
-    p = np.where(valid[..., None], pts, np.nan).astype(np.float32)
-
-    def tangent(axis):
-        fwd = np.full(p.shape, np.nan, np.float32)
-        bwd = np.full(p.shape, np.nan, np.float32)
-        if axis == 1:
-            fwd[:, :-1] = p[:, 1:] - p[:, :-1]
-            bwd[:, 1:] = p[:, 1:] - p[:, :-1]
-        else:
-            fwd[:-1] = p[1:] - p[:-1]
-            bwd[1:] = p[1:] - p[:-1]
-        nf = np.linalg.norm(fwd, axis=-1)
-        nb = np.linalg.norm(bwd, axis=-1)
-        nf = np.where(np.isfinite(nf), nf, np.inf)
-        nb = np.where(np.isfinite(nb), nb, np.inf)
-        t = np.where((nf <= nb)[..., None], fwd, bwd)
-        return t
-
-    tu, tv = tangent(1), tangent(0)
-    n = -np.cross(tu, tv)
-    nn = np.linalg.norm(n, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n = n / nn
-    n[~np.isfinite(n).all(-1)] = 0.0
-    return n
+    tu = _shorter(*_tangents(pts, valid, 1))
+    tv = _shorter(*_tangents(pts, valid, 0))
+    return _normal(tu, tv)
 
 
 def geometric_edges(pts: np.ndarray, valid: np.ndarray, jump_ratio: float = 3.0,
@@ -82,19 +90,28 @@ def geometric_edges(pts: np.ndarray, valid: np.ndarray, jump_ratio: float = 3.0,
     An edge is connected when both pixels are valid, its 3D length is at most ``jump_ratio``
     times the shorter of its two neighbouring edges on the same image line (no depth jump), and
     it is not a concave crease sharper than ``crease_deg``."""
-    if normals is None:
-        normals = pointmap_normals(pts, valid)
     p = pts.astype(np.float32)
     cos_t = np.cos(np.deg2rad(crease_deg))
+    # side-specific normals: across an edge, each pixel's normal uses the difference pointing
+    # away from the edge (so a crease is never smoothed by a difference that straddles it)
+    fu, bu = _tangents(pts, valid, 1)
+    fv, bv = _tangents(pts, valid, 0)
+    su, sv = _shorter(fu, bu), _shorter(fv, bv)
+    n_s = _normal(su, sv)
+
+    def side(n):  # fall back to the shorter-difference normal where one side is missing
+        return np.where((np.abs(n).sum(-1) > 0)[..., None], n, n_s)
 
     def one(axis):
         if axis == 1:
             a, b = p[:, :-1], p[:, 1:]
-            na, nb = normals[:, :-1], normals[:, 1:]
+            na = side(_normal(bu, sv))[:, :-1]
+            nb = side(_normal(fu, sv))[:, 1:]
             ok = valid[:, :-1] & valid[:, 1:]
         else:
             a, b = p[:-1], p[1:]
-            na, nb = normals[:-1], normals[1:]
+            na = side(_normal(su, bv))[:-1]
+            nb = side(_normal(su, fv))[1:]
             ok = valid[:-1] & valid[1:]
         diff = a - b
         d = np.linalg.norm(diff, axis=-1)
