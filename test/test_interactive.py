@@ -212,9 +212,8 @@ def test_cache_only_refinement_without_segmenter(data):
     assert sess.selections[0].rounds == 2
     # background click with no segmenter: clear error
     floor = pts[0][seq.instance[0] == 1][0].astype(np.float64)
-    sess2 = InteractiveSession(make_scene(seq, pts, np.where(seq.instance > 3, seq.instance, 0)),
-                               None, None)
-    sess2.mapper = GroupMapper(sess2.scene)
+    scene2 = make_scene(seq, pts, np.where(seq.instance > 3, seq.instance, 0))
+    sess2 = InteractiveSession(scene2, GroupMapper(scene2), None)
     with pytest.raises(PromptError):
         sess2.add_point_prompt(floor, True)
 

@@ -195,3 +195,55 @@ def test_refine_shape_and_prior(seg, seq, monkeypatch):
     m3 = seg.refine(rgb, [[64, 48]], [], prior_mask=None)
     assert m2.shape == m3.shape == (H, W)
     assert not np.array_equal(m2, m3)
+
+
+def test_sam2_through_interactive_session_three_rounds(seg, seq, monkeypatch):
+    """The SAM2 path end to end: mask cache -> GroupMapper -> first click -> 3 refinement rounds.
+    Checks the data flow (prior = previous masks, refined mask lands in the clicked view, MGM
+    keeps only pixels of the propagated masks), not mask quality (random weights)."""
+    from wildseg3d_ros.core.scene import AlignedScene
+    from wildseg3d_ros.core.segment.group_mapping import GroupMapper
+    from wildseg3d_ros.core.segment.interactive import InteractiveSession, PromptError
+
+    s, pts, valid = seq
+    mc = seg.build_mask_cache(s.rgb, pts, valid)
+    scene = AlignedScene(pts3d=pts, conf=np.ones((V, H, W), np.float32), poses=s.poses.copy(),
+                         K=np.broadcast_to(s.K, (V, 3, 3)).copy(), rgb=s.rgb, mask_cache=mc)
+    sess = InteractiveSession(scene, GroupMapper(scene), seg)
+    calls = []
+    orig = seg.refine
+
+    def spy(rgb, pos_uv, neg_uv, prior_mask=None, pts=None, valid=None):
+        out = orig(rgb, pos_uv, neg_uv, prior_mask=prior_mask, pts=pts, valid=valid)
+        calls.append((np.asarray(pos_uv).reshape(-1, 2), np.asarray(neg_uv).reshape(-1, 2),
+                      None if prior_mask is None else prior_mask.copy(), out.copy()))
+        return out
+
+    monkeypatch.setattr(seg, "refine", spy)
+    with pytest.raises(PromptError):
+        sess.add_pixel_prompt(1, 60, 40, positive=False)
+    obj = int(s.scene.object_ids[0])
+    v0 = int(np.argmax([(s.instance[v] == obj).sum() for v in range(V)]))
+    rr, cc = np.nonzero(s.instance[v0] == obj)
+    res = sess.add_pixel_prompt(v0, float(cc[len(cc) // 2]), float(rr[len(rr) // 2]), True)
+    assert res.pixel_masks.shape == (V, H, W)
+    sel = sess.selections[0]
+    prompts = [(v0, 10.0, 10.0, False), ((v0 + 1) % V, 70.0, 50.0, True), (v0, 100.0, 80.0, True)]
+    t0 = time.perf_counter()
+    for k, (v, u, r, positive) in enumerate(prompts):
+        prev = sel.view_masks.copy()
+        n_before = len(calls)
+        res = sess.add_pixel_prompt(v, u, r, positive)
+        assert len(calls) == n_before + 1
+        pos, neg, prior, out = calls[-1]
+        assert np.array_equal(prior, prev[v])  # previous mask of the clicked view is the prior
+        assert np.array_equal(sel.view_masks[v], out)  # refined mask replaces it
+        assert len(pos) + len(neg) >= 2  # all clicks this view sees so far
+        if v == v0:  # the negative pixel click of view v0 is among the clicks passed on
+            assert np.any(np.all(np.isclose(neg, [10.0, 10.0]), 1))
+        assert not (res.pixel_masks & ~sel.view_masks).any()  # MGM keeps only masked pixels
+        assert sel.rounds == k + 1
+        assert res.points.shape[0] == int(res.pixel_masks.sum())
+    print(f"sam2 random-init: 3 refinement rounds (refine + propagate + MGM) {time.perf_counter() - t0:.2f} s")
+    pts_c, cols, labs = sess.combined_cloud()
+    assert np.all(labs == 1) and len(labs) == res.points.shape[0]
