@@ -31,7 +31,8 @@ from scipy.spatial import cKDTree
 from ..scene import AlignedScene, MaskCache
 from .mask_cache import auto_voxel_size, voxel_keys
 
-__all__ = ["Segment3D", "GroupMapper", "remove_floaters", "consistency_votes"]
+__all__ = ["Segment3D", "GroupMapper", "remove_floaters", "subtract_voxels", "voxel_components",
+           "consistency_votes"]
 
 
 @dataclass
@@ -58,37 +59,78 @@ _OFFSETS = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in 
                      if (i, j, k) > (0, 0, 0)], np.int64)
 
 
-def remove_floaters(points: np.ndarray, voxel: float, min_frac: float = 0.1,
-                    min_points: int = 0) -> np.ndarray:
-    """Keep-mask (N,) of points in voxel-grid components (26-connectivity) holding at least
-    ``min_frac`` of the largest component's points (and ``min_points``)."""
-    n = points.shape[0]
-    if n == 0:
-        return np.zeros(0, bool)
+_B = 21
+_M = (1 << _B) - 1
+
+
+def _decode(keys):
+    return np.stack([(keys >> (2 * _B)) & _M, (keys >> _B) & _M, keys & _M], 1)
+
+
+def _encode(q):
+    return (q[:, 0] << (2 * _B)) | (q[:, 1] << _B) | q[:, 2]
+
+
+def voxel_components(points: np.ndarray, voxel: float):
+    """26-connected components of the occupied voxels of (N,3) points.
+
+    Returns (comp (N,) component of each point, n_comp, point count per component, unique keys,
+    component of each unique key)."""
     keys = voxel_keys(points, voxel)
     uk, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
     m = uk.size
-    if m == 1:
-        return np.ones(n, bool)
-    # decode to integer coords, look up the 13 "positive" neighbours (edges are undirected)
-    B = 21
-    q = np.stack([(uk >> (2 * B)) & ((1 << B) - 1), (uk >> B) & ((1 << B) - 1), uk & ((1 << B) - 1)], 1)
+    q = _decode(uk)
     rows, cols = [], []
     for off in _OFFSETS:
-        nq = q + off
-        nk = (nq[:, 0] << (2 * B)) | (nq[:, 1] << B) | nq[:, 2]
-        pos = np.searchsorted(uk, nk)
-        pos = np.clip(pos, 0, m - 1)
+        nk = _encode(q + off)
+        pos = np.clip(np.searchsorted(uk, nk), 0, m - 1)
         hit = uk[pos] == nk
         rows.append(np.flatnonzero(hit))
         cols.append(pos[hit])
     r = np.concatenate(rows)
     c = np.concatenate(cols)
     g = coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(m, m))
-    nc, comp = connected_components(g, directed=False)
-    comp_pts = np.bincount(comp, weights=cnt, minlength=nc)
+    nc, comp_v = connected_components(g, directed=False)
+    comp_pts = np.bincount(comp_v, weights=cnt, minlength=nc)
+    return comp_v[inv], nc, comp_pts, uk, comp_v
+
+
+def remove_floaters(points: np.ndarray, voxel: float, min_frac: float = 0.1,
+                    min_points: int = 0) -> np.ndarray:
+    """Keep-mask (N,) of points in voxel-grid components (26-connectivity) holding at least
+    ``min_frac`` of the largest component's points (and ``min_points``)."""
+    if points.shape[0] == 0:
+        return np.zeros(0, bool)
+    comp, nc, comp_pts, _, _ = voxel_components(points, voxel)
+    if nc == 1:
+        return np.ones(points.shape[0], bool)
     good = (comp_pts >= min_frac * comp_pts.max()) & (comp_pts >= min_points)
-    return good[comp][inv]
+    return good[comp]
+
+
+def subtract_voxels(points: np.ndarray, voxel: float, remove_keys: np.ndarray) -> np.ndarray:
+    """Keep-mask (N,): drop points in ``remove_keys`` voxels, then drop every remaining component
+    that touches a removed voxel unless it is the largest (the rest of a negative object that only
+    the positive masks saw)."""
+    keys = voxel_keys(points, voxel)
+    keep = ~np.isin(keys, remove_keys)
+    if not keep.any() or keep.all():
+        return keep
+    idx = np.flatnonzero(keep)
+    comp, nc, comp_pts, uk, comp_v = voxel_components(points[idx], voxel)
+    if nc == 1:
+        return keep
+    q = _decode(uk)
+    rk = np.sort(remove_keys)
+    touch = np.zeros(uk.size, bool)
+    for off in np.concatenate([_OFFSETS, -_OFFSETS]):
+        nk = _encode(q + off)
+        pos = np.clip(np.searchsorted(rk, nk), 0, rk.size - 1)
+        touch |= rk[pos] == nk
+    comp_touch = np.bincount(comp_v, weights=touch, minlength=nc) > 0
+    drop_comp = comp_touch & (np.arange(nc) != int(np.argmax(comp_pts)))
+    keep[idx[drop_comp[comp]]] = False
+    return keep
 
 
 def _as_view_K(K, V):
@@ -249,6 +291,9 @@ class GroupMapper:
             flat = kept[starts[j]:ends[j]] if j < ids.size and ids[j] == i else np.zeros(0, np.int64)
             flat = self._defloat(flat)
             self._objects[int(i)] = self._pack(flat)
+            # voxels of the object's raw (unfiltered) masks: what a negative prompt removes
+            raw = np.flatnonzero(lab_flat.ravel() == i)
+            self._objects[int(i)]["raw_keys"] = np.unique(voxel_keys(self._pts_flat[raw], self.voxel))
             self.kept.ravel()[flat] = True
 
     def _make_segment(self, parts: List[dict], object_ids: List[int],
@@ -267,9 +312,8 @@ class GroupMapper:
             col = np.zeros((0, 3), np.uint8)
             vw = np.zeros(0, np.int32)
         if remove_keys is not None and remove_keys.size and flat.size:
-            drop = np.isin(voxel_keys(pts, self.voxel), remove_keys)
-            if drop.any():
-                k = ~drop
+            k = subtract_voxels(pts, self.voxel, remove_keys)
+            if not k.all():
                 flat, pts, col, vw = flat[k], pts[k], col[k], vw[k]
         masks = np.zeros(self.V * self.H * self.W, bool)
         masks[flat] = True
@@ -329,7 +373,8 @@ class GroupMapper:
         """Merge the consistency-filtered masks of ``object_ids`` into one 3D segment.
 
         ``negative_ids``: those objects are excluded, and points of the selected objects that
-        fall into voxels occupied by a negative object are removed (a neighbour wrongly merged
+        fall into voxels occupied by a negative object's (unfiltered) masks are removed, with any
+        remaining component touching them except the largest (a neighbour wrongly merged
         into a selected object's mask in some view).  ``view_masks`` (V,H,W) bool: use these
         per-view masks instead of cache ids (lifting + consistency + floaters run now)."""
         neg = {int(i) for i in negative_ids if int(i) > 0}
@@ -340,7 +385,7 @@ class GroupMapper:
         parts = [self._objects[i] for i in ids]
         rk = None
         if neg and parts:
-            ks = [self._objects[i]["keys"] for i in neg if i in self._objects]
+            ks = [self._objects[i]["raw_keys"] for i in neg if i in self._objects]
             rk = np.unique(np.concatenate(ks)) if ks else None
         return self._make_segment(parts, ids, rk)
 
@@ -358,7 +403,7 @@ class GroupMapper:
         src_lab = [np.ones(s.size, bool) for s in src]
         flat = self._defloat(self._lift_consistent(src, src_lab, m))
         neg = [int(i) for i in negative_ids if int(i) in self._objects]
-        rk = np.unique(np.concatenate([self._objects[i]["keys"] for i in neg])) if neg else None
+        rk = np.unique(np.concatenate([self._objects[i]["raw_keys"] for i in neg])) if neg else None
         return self._make_segment([self._pack(flat)], [int(i) for i in object_ids], rk)
 
     def select(self, positive_points=(), negative_points=(), max_dist: Optional[float] = None) -> Segment3D:
