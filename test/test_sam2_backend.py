@@ -247,3 +247,42 @@ def test_sam2_through_interactive_session_three_rounds(seg, seq, monkeypatch):
     print(f"sam2 random-init: 3 refinement rounds (refine + propagate + MGM) {time.perf_counter() - t0:.2f} s")
     pts_c, cols, labs = sess.combined_cloud()
     assert np.all(labs == 1) and len(labs) == res.points.shape[0]
+
+
+def test_tracking_is_checked_geometrically(seq, monkeypatch):
+    """A tracker that jumps to another object in one view (stand-in outputs) is caught by the 3D
+    check: that view's mask is dropped, the correctly tracked views stay."""
+    s, pts, valid = seq
+    seg = Sam2Segmenter(**SAM_KW, ref_view=1, discover_new=False)
+    gt = s.instance
+    objs = [int(o) for o in s.scene.object_ids]
+    a, b = objs[0], objs[1]
+    bad_view = 3
+    assert (gt[bad_view] == b).sum() > 10 and all((gt[v] == a).sum() > 10 for v in range(V))
+
+    def fake_generate(rgb):
+        return [{"segmentation": gt[1] == a, "predicted_iou": 0.9}]
+
+    def fake_track(state, seeds, V_, H_, W_, cancel):
+        lg = np.where(gt == a, 10.0, -10.0).astype(np.float32)
+        lg[bad_view] = np.where(gt[bad_view] == b, 10.0, -10.0)  # drift onto object b
+        return {oid: lg.copy() for oid in seeds}
+
+    monkeypatch.setattr(seg, "_generate", fake_generate)
+    monkeypatch.setattr(seg, "_track", fake_track)
+    mc = seg.build_mask_cache(s.rgb, pts, valid)
+    assert list(mc.objects) == [1]
+    assert mc.objects[1].get("tracking_rejected_views") == [bad_view]
+    assert not (mc.labels[bad_view] == 1).any()
+    for v in range(V):
+        if v != bad_view:
+            assert _iou(mc.labels[v] == 1, gt[v] == a) > 0.95
+    # without the check the drift stays
+    seg.verify_tracking = False
+    mc2 = seg.build_mask_cache(s.rgb, pts, valid)
+    assert _iou(mc2.labels[bad_view] == 1, gt[bad_view] == b) > 0.95
+
+
+def _iou(x, y):
+    u = (x | y).sum()
+    return (x & y).sum() / u if u else 1.0

@@ -183,6 +183,7 @@ class Sam2Segmenter(Segmenter):
                  box_nms_thresh: float = 0.7, image_size: Optional[int] = None,
                  min_mask_area: int = 50, ref_view: Optional[int] = None,
                  discover_new: bool = True, new_coverage: float = 0.3, track_new: bool = True,
+                 verify_tracking: bool = True, verify_min_agree: float = 0.3,
                  random_init: bool = False, seed: int = 0, num_threads: Optional[int] = None,
                  jpeg_quality: int = 95, unlabelled_soft: float = 0.1):
         build_video, ImagePredictor, MaskGenerator = _import_sam2()
@@ -196,6 +197,8 @@ class Sam2Segmenter(Segmenter):
         self.discover_new = bool(discover_new)
         self.new_coverage = float(new_coverage)
         self.track_new = bool(track_new)
+        self.verify_tracking = bool(verify_tracking)
+        self.verify_min_agree = float(verify_min_agree)
         self.num_threads = num_threads
         self.jpeg_quality = int(jpeg_quality)
         self.unlabelled_soft = float(unlabelled_soft)
@@ -447,6 +450,8 @@ class Sam2Segmenter(Segmenter):
                 t0 = time.perf_counter()
                 with self._threads(), self._quiet(), torch.inference_mode():
                     logits_all.update(self._track(state, seeds, V, H, W, cancel))
+                if self.verify_tracking:
+                    self._verify(logits_all, seeds, pts3d, valid, objects)
                 timings["track_ref_s"] = time.perf_counter() - t0
             labels, best = self._compose(logits_all, V, H, W)
 
@@ -499,6 +504,8 @@ class Sam2Segmenter(Segmenter):
                         with self._threads(), self._quiet(), torch.inference_mode():
                             new_logits = self._track(state, new_seeds, V, H, W, cancel)
                         timings["track_new_s"] = time.perf_counter() - t0
+                        if self.verify_tracking:
+                            self._verify(new_logits, new_seeds, pts3d, valid, objects)
                     else:
                         new_logits = {oid: np.where(m, 10.0, -10.0).astype(np.float32)
                                       for oid, m in assoc_masks.items()}
@@ -545,6 +552,54 @@ class Sam2Segmenter(Segmenter):
         best = np.take_along_axis(stack, arg[None], 0)[0]
         labels = np.where(best > 0, ids[arg], 0).astype(np.int32)
         return labels, best.astype(np.float32)
+
+    def _verify(self, logits: Dict[int, np.ndarray], seeds: Dict[int, Tuple[int, np.ndarray]],
+                pts3d, valid: np.ndarray, objects: Dict[int, dict]) -> None:
+        """Geometric check of the tracking (in place): a tracked mask in view v is dropped when,
+        among its pixels whose 3D point lies in a voxel the seed view observes, fewer than
+        ``verify_min_agree`` lie in a voxel of the seed mask (the tracker jumped to another
+        object).  Views whose mask the seed view does not observe are kept (nothing to check)."""
+        if pts3d is None or not logits:
+            return
+        try:
+            from .mask_cache import auto_voxel_size
+            pts3d = np.asarray(pts3d)
+            ok = valid & np.isfinite(pts3d).all(-1)
+            voxel = auto_voxel_size(pts3d, ok)
+        except Exception as exc:  # pragma: no cover - helper missing / degenerate scene
+            log.debug("sam2: tracking verification skipped (%s)", exc)
+            return
+        if not np.isfinite(voxel) or voxel <= 0:
+            return
+        fin = pts3d[ok]
+        origin = fin.min(0) if fin.size else np.zeros(3)
+        q = np.floor((np.where(ok[..., None], pts3d, 0.0) - origin) / voxel).astype(np.int64)
+        q = np.clip(q + (1 << 20), 0, (1 << 21) - 1)
+        keys = (q[..., 0] << 42) | (q[..., 1] << 21) | q[..., 2]
+        observed = {}
+        for oid, (sv, seed_mask) in seeds.items():
+            if sv not in observed:
+                observed[sv] = np.unique(keys[sv][ok[sv]])
+            seed_keys = np.unique(keys[sv][np.asarray(seed_mask, bool) & ok[sv]])
+            if seed_keys.size == 0:
+                continue
+            dropped = []
+            for v in range(logits[oid].shape[0]):
+                if v == sv:
+                    continue
+                m = (logits[oid][v] > 0) & ok[v]
+                if m.sum() < self.min_mask_area:
+                    continue
+                k = keys[v][m]
+                seen = np.isin(k, observed[sv])
+                if seen.sum() < self.min_mask_area:
+                    continue
+                agree = np.isin(k[seen], seed_keys).mean()
+                if agree < self.verify_min_agree:
+                    logits[oid][v] = np.minimum(logits[oid][v], -10.0)
+                    dropped.append(v)
+            if dropped and oid in objects:
+                objects[oid]["tracking_rejected_views"] = dropped
 
     def _associate(self, local: np.ndarray, pts3d, valid) -> np.ndarray:
         """Merge per-view local masks of the same physical object into global ids (3D overlap)."""
