@@ -4,7 +4,6 @@ Random weights give meaningless masks, so these tests check structure, determini
 messages and the glue logic (prior handling, tracking / new-object discovery bookkeeping);
 segmentation *quality* is measured with the classical backend (test_interactive.py).
 """
-import os
 import time
 
 import numpy as np
