@@ -83,8 +83,23 @@ def pointmap_normals(pts: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return _normal(tu, tv)
 
 
+def smooth_pointmap(pts: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
+    """Normalised Gaussian smoothing of a pointmap over valid pixels (for normals on noisy
+    depth); invalid pixels stay as they are."""
+    if sigma <= 0:
+        return pts
+    w = valid.astype(np.float32)
+    den = ndimage.gaussian_filter(w, sigma)
+    out = np.array(pts, np.float32, copy=True)
+    for k in range(3):
+        num = ndimage.gaussian_filter(np.where(valid, pts[..., k], 0).astype(np.float32), sigma)
+        out[..., k] = np.where(valid & (den > 1e-3), num / np.maximum(den, 1e-3), pts[..., k])
+    return out
+
+
 def geometric_edges(pts: np.ndarray, valid: np.ndarray, jump_ratio: float = 3.0,
-                    crease_deg: float = 35.0, normals: Optional[np.ndarray] = None):
+                    crease_deg: float = 35.0, normals: Optional[np.ndarray] = None,
+                    pts_smooth: Optional[np.ndarray] = None):
     """Connectivity of 4-neighbour pixel pairs: (horizontal (H, W-1) bool, vertical (H-1, W) bool).
 
     An edge is connected when both pixels are valid, its 3D length is at most ``jump_ratio``
@@ -94,8 +109,9 @@ def geometric_edges(pts: np.ndarray, valid: np.ndarray, jump_ratio: float = 3.0,
     cos_t = np.cos(np.deg2rad(crease_deg))
     # side-specific normals: across an edge, each pixel's normal uses the difference pointing
     # away from the edge (so a crease is never smoothed by a difference that straddles it)
-    fu, bu = _tangents(pts, valid, 1)
-    fv, bv = _tangents(pts, valid, 0)
+    ps = pts if pts_smooth is None else pts_smooth
+    fu, bu = _tangents(ps, valid, 1)
+    fv, bv = _tangents(ps, valid, 0)
     su, sv = _shorter(fu, bu), _shorter(fv, bv)
     n_s = _normal(su, sv)
 
@@ -128,6 +144,11 @@ def geometric_edges(pts: np.ndarray, valid: np.ndarray, jump_ratio: float = 3.0,
         ref = np.minimum(prev, nxt)
         # isolated edges (both neighbours invalid) compare with themselves
         ref = np.where(np.isfinite(ref), ref, d)
+        # robust to quantised / noisy depth (RGB-D): also accept edges up to jump_ratio x the
+        # median edge length over a window along the line
+        big = np.where(np.isfinite(d), d, np.float32(1e30))
+        med = ndimage.median_filter(big, size=(1, 9) if axis == 1 else (9, 1), mode="nearest")
+        ref = np.maximum(ref, np.where(med < 1e29, med, 0.0))
         no_jump = d <= jump_ratio * np.maximum(ref, 1e-12)
         cosang = (na * nb).sum(-1)
         convexity = ((na - nb) * diff).sum(-1)
@@ -246,7 +267,12 @@ class _UF:
 
 
 class ClassicalSegmenter(Segmenter):
-    """Felzenszwalb superpixels merged by colour (Lab) and pointmap geometry (no weights)."""
+    """Felzenszwalb superpixels merged by colour (Lab) and pointmap geometry (no weights).
+
+    Defaults suit clean pointmaps (rendered / DUSt3R-like).  For noisy, quantised RGB-D depth
+    (Kinect) use ``normal_smooth_sigma=1.5, plane_tol_spacing=12`` (smoothed normals, looser
+    plane inliers): on ``shared/data/rgbd_room`` this turns a speckled over-segmentation into
+    floor / table removed as planes and chairs / sofa / dresser as segments."""
 
     name = "classical"
 
@@ -257,7 +283,7 @@ class ClassicalSegmenter(Segmenter):
                  min_area_frac: float = 6e-4, background_area_frac: float = 0.15,
                  detect_planes: bool = True, plane_min_frac: float = 0.03,
                  plane_tol_spacing: float = 5.0, object_max_frac: float = 0.12,
-                 keep_background: bool = False,
+                 keep_background: bool = False, normal_smooth_sigma: float = 0.0,
                  voxel: Optional[float] = None, min_overlap: float = 0.25,
                  cache_size: int = 8):
         self.fz_scale = float(fz_scale)
@@ -275,6 +301,7 @@ class ClassicalSegmenter(Segmenter):
         self.plane_min_frac = float(plane_min_frac)
         self.plane_tol_spacing = float(plane_tol_spacing)
         self.object_max_frac = float(object_max_frac)
+        self.normal_smooth_sigma = float(normal_smooth_sigma)
         self.keep_background = bool(keep_background)
         self.voxel = voxel
         self.min_overlap = float(min_overlap)
@@ -317,8 +344,10 @@ class ClassicalSegmenter(Segmenter):
         lab = _lab(rgb)
         planes = np.zeros((H, W), np.int32)
         if use_geo:
-            normals = pointmap_normals(pts, valid)
-            eh, ev = geometric_edges(pts, valid, self.jump_ratio, self.crease_deg, normals)
+            ps = smooth_pointmap(pts, valid, self.normal_smooth_sigma)
+            normals = pointmap_normals(ps, valid)
+            eh, ev = geometric_edges(pts, valid, self.jump_ratio, self.crease_deg, normals,
+                                     pts_smooth=ps)
             if self.detect_planes:
                 planes = detect_planes(pts, valid, normals, min_frac=self.plane_min_frac,
                                        min_component_frac=self.plane_min_frac / 3.0,
