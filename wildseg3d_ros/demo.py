@@ -57,6 +57,7 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
             Parameter("rate_hz", value=4.0), Parameter("start_delay_s", value=1.5)])
         rec = ReconstructionNode(parameter_overrides=[
             Parameter("keyframes.reconstruct_at", value=num_frames),
+            Parameter("keyframes.min_interval_s", value=0.1),
             Parameter("keyframes.max_keyframes", value=max(num_frames, 2)),
             Parameter("dga.iterations", value=iterations),
             Parameter("segmenter", value=segmenter)])
@@ -79,15 +80,34 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         client.create_subscription(PointCloud2, "wildseg3d/scene", on_scene, convert.LATCHED_QOS)
         client.create_subscription(PointCloud2, "wildseg3d/object_cloud", on_obj, convert.LATCHED_QOS)
         click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
+        from std_srvs.srv import Trigger
+        reconstruct_cli = client.create_client(Trigger, "reconstruction_node/reconstruct")
         for n in nodes:
             ex = SingleThreadedExecutor()
             ex.add_node(n)
-            threading.Thread(target=ex.spin, daemon=True).start()
-            executors.append(ex)
+            th = threading.Thread(target=ex.spin, daemon=True)
+            th.start()
+            executors.append((ex, th))
 
         _log("streaming the camera; waiting for the reconstruction")
         t_stream = time.perf_counter()
-        if not ev_scene.wait(timeout_s):
+        # when the stream has ended and the automatic trigger did not fire (e.g. a frame was
+        # refused), ask for the reconstruction of what was buffered, like an operator would
+        while not ev_scene.wait(0.5) and time.perf_counter() - t_stream < timeout_s:
+            if cam.done and not rec.reconstruction_running() and time.perf_counter() - t_stream > 3:
+                if reconstruct_cli.wait_for_service(timeout_sec=2.0):
+                    fut = reconstruct_cli.call_async(Trigger.Request())
+                    while not fut.done():
+                        time.sleep(0.05)
+                    _log(f"stream ended: ~/reconstruct -> {fut.result().message}")
+                    if not fut.result().success:
+                        break
+                    time.sleep(0.5)
+                    while rec.reconstruction_running() and not ev_scene.wait(0.2):
+                        pass
+                    ev_scene.wait(2.0)
+                break
+        if not ev_scene.is_set():
             raise RuntimeError(f"no scene within {timeout_s:.0f} s (reconstruction_node last error: "
                                f"{rec.last_error or 'none'}; stats {dict(rec.stats)})")
         t_scene, scene_msg = got["scene"]
@@ -139,7 +159,8 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         ply.write_ply(out / "object.ply", obj_pts, obj_rgb)
         ply.write_ply(out / "scene.ply", scene.pts3d[valid], scene.rgb[valid])
         montage.make_montage(scene.rgb, pred_masks, obj_pts, obj_rgb, None, None, out / "montage.png",
-                             gt_masks=gt_masks, titles=[f"keyframe {i} IoU {x:.2f}" for i, x in enumerate(ious)])
+                             gt_masks=gt_masks, titles=[f"keyframe {i}" for i in range(scene.num_views)],
+                             view_from=scene.poses[0])
         metrics = {
             "scene": {"seed": seed, "frames": num_frames, "width": width, "height": height,
                       "keyframes": scene.num_views, "cached_objects": int(len(scene.mask_cache.object_ids())),
@@ -163,8 +184,9 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         _log(f"wrote {out}/object.ply, scene.ply, montage.png, metrics.json in {metrics['demo_wall_s']:.1f} s")
         return metrics
     finally:
-        for ex in executors:
-            ex.shutdown(timeout_sec=1.0)
+        for ex, th in executors:
+            ex.shutdown(timeout_sec=2.0)
+            th.join(timeout=2.0)
         for n in nodes:
             n.destroy_node()
         if rclpy.ok():

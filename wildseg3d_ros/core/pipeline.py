@@ -40,8 +40,10 @@ class PipelineConfig:
     iterations: int = 500
     weighting: str = "dga"
     match_threshold: float = 0.03
-    # use odometry/TF poses as priors in the alignment, and express the result in their frame
+    # use odometry/TF poses (registration initialisation in the backend, output frame);
+    # pose_prior_weight > 0 also ties DGA's poses to them (inf: keep them fixed, for trusted poses)
     use_pose_priors: bool = True
+    pose_prior_weight: float = 0.0
     align_to_priors: bool = True
     min_keyframes: int = 2
 
@@ -59,7 +61,10 @@ class ReconstructionPipeline:
         from .segment.base import make_segmenter
 
         self.cfg = cfg
-        self.backend = make_backend(cfg.backend, device=cfg.device, **cfg.backend_kwargs)
+        bkw = dict(cfg.backend_kwargs)
+        if cfg.backend != "rgbd":  # the rgbd backend is numpy/OpenCV only
+            bkw.setdefault("device", cfg.device)
+        self.backend = make_backend(cfg.backend, **bkw)
         self.segmenter = make_segmenter(cfg.segmenter, device=cfg.device, **cfg.segmenter_kwargs) \
             if cfg.segmenter == "sam2" else make_segmenter(cfg.segmenter, **cfg.segmenter_kwargs)
 
@@ -102,10 +107,11 @@ class ReconstructionPipeline:
         t2 = time.perf_counter()
         say("alignment", 0.5)
         priors = None
-        if cfg.use_pose_priors and all(kf.pose_prior is not None for kf in kfs):
+        if cfg.use_pose_priors and cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in kfs):
             priors = np.stack([kf.pose_prior for kf in kfs])
         try:
             scene = align_global(preds, num_views=len(kfs), soft_masks=soft, known_poses=priors,
+                                 pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
                                  device=cfg.device, cancel=cancel)

@@ -56,7 +56,7 @@ PARAMS = [
               "poses are known (deg); either motion threshold suffices.", 0.0, 180.0),
     ParamSpec("keyframes.min_flow_px", 20.0, "Minimum image motion between keyframes when no pose "
               "is known (px at full resolution).", 0.0, 1000.0),
-    ParamSpec("keyframes.min_sharpness", 20.0, "Frames whose variance of Laplacian is below this "
+    ParamSpec("keyframes.min_sharpness", 15.0, "Frames whose variance of Laplacian is below this "
               "are rejected as blurred (0 disables).", 0.0, 1e6),
     ParamSpec("keyframes.max_keyframes", 8, "Bounded keyframe buffer size.", 2, 64),
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
@@ -151,7 +151,7 @@ class ReconstructionNode(Node):
 
     def _on_params_changed(self, changed):
         if any(k.startswith("keyframes.") for k in changed):
-            self._buffer.policy = self._policy()
+            self._buffer.policy = self._policy().validate()
         # models are rebuilt lazily at the next reconstruction when their parameters changed
 
     def _pipeline_config(self) -> PipelineConfig:
@@ -272,6 +272,14 @@ class ReconstructionNode(Node):
             return None
         return ring[i][1]
 
+    def _wait_for(self, find, wait_s: float):
+        deadline = time.monotonic() + wait_s
+        found = None
+        while found is None and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.005)
+            found = find()
+        return found
+
     def _find_depth(self, stamp: float):
         ring = list(self._depth_ring)
         if not ring:
@@ -289,9 +297,13 @@ class ReconstructionNode(Node):
             self.log.warning("no_info", "no valid CameraInfo received yet: frames are not buffered")
             self.stats["dropped_no_camera_info"] += 1
             return
+        # depth / pose messages of the same instant may arrive just after the colour image
         pose = self._lookup_pose(stamp, msg.header.frame_id)
-        ok, reason = self._buffer.cheap_reject(stamp, pose)
-        if not ok:
+        if pose is None and self._pose_ring:
+            pose = self._wait_for(lambda: self._lookup_pose(stamp, msg.header.frame_id),
+                                  p["input.pose_sync_tolerance_s"])
+        reason = self._buffer.cheap_reject(stamp, pose)
+        if reason is not None:
             self.stats[f"rejected_{reason}"] += 1
             if reason in ("timestamp_backwards", "duplicate_timestamp"):
                 self.log.warning(reason, f"image at t={stamp:.3f} refused: {reason.replace('_', ' ')}")
@@ -317,7 +329,8 @@ class ReconstructionNode(Node):
             return
         depth = None
         if p["backend"] == "rgbd":
-            dmsg = self._find_depth(stamp)
+            dmsg = self._find_depth(stamp) or self._wait_for(lambda: self._find_depth(stamp),
+                                                             p["input.depth_sync_tolerance_s"] + 0.05)
             if dmsg is None:
                 self.stats["dropped_no_depth"] += 1
                 self.log.warning("no_depth", f"no depth image within {p['input.depth_sync_tolerance_s']} s of "
@@ -351,6 +364,10 @@ class ReconstructionNode(Node):
                 self._start_job("auto")
 
     # ------------------------------------------------------------------ reconstruction job
+    def reconstruction_running(self) -> bool:
+        job = self._job
+        return job is not None and job.is_alive()
+
     def _start_job(self, why: str):
         with self._lock:
             if self._job is not None and self._job.is_alive():

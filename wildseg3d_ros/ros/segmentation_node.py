@@ -50,7 +50,8 @@ PARAMS = [
     ParamSpec("device", "cpu", "torch device for SAM2 refinement."),
     ParamSpec("prompt.max_distance_m", 0.05, "A 3D click farther than this from every scene point "
               "selects nothing.", 1e-4, 10.0),
-    ParamSpec("mgm.voxel_size_m", 0.01, "Voxel size of the floater filter (m).", 1e-4, 1.0),
+    ParamSpec("mgm.voxel_size_m", 0.0, "Voxel size of the floater filter (m); 0 = automatic "
+              "(3x the median point spacing).", 0.0, 1.0),
     ParamSpec("mgm.min_consistency", 0.5, "Minimum share of the other views that see a point and "
               "agree with its object for the point to be kept.", 0.0, 1.0),
     ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),
@@ -156,9 +157,10 @@ class SegmentationNode(Node):
     def _build_session(self, scene):
         from ..core.segment.group_mapping import GroupMapper
         from ..core.segment.interactive import InteractiveSession
-        mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"],
-                             min_consistency=self.params["mgm.min_consistency"])
-        return InteractiveSession(scene, mapper, self._get_segmenter())
+        mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
+                             min_agree_frac=self.params["mgm.min_consistency"])
+        return InteractiveSession(scene, mapper, self._get_segmenter(),
+                                  max_click_dist=self.params["prompt.max_distance_m"])
 
     def _load_scene(self, msg: PointCloud2):
         t0 = time.perf_counter()
@@ -175,9 +177,8 @@ class SegmentationNode(Node):
             self.last_error = f"scene message refused: {e}"
             self.get_logger().error(self.last_error)
             return
-        self.scene = scene
-        self.scene_stamp = msg.header.stamp
-        self.session = self._build_session(scene)
+        session = self._build_session(scene)
+        self.scene, self.session, self.scene_stamp = scene, session, msg.header.stamp
         self.prompt_log = []
         self._publish_results([])
         n_obj = len(scene.mask_cache.object_ids()) if scene.mask_cache is not None else 0

@@ -309,7 +309,9 @@ class RgbdBackend(PointmapBackend):
                  depth_sigma: Optional[Tuple[float, float, float]] = (0.0012, 0.0019, 0.4),
                  icp_iters: int = 10, max_icp_correction: Tuple[float, float] = (5.0, 0.10),
                  use_prior_init: bool = True, fallback_to_prior: bool = True,
-                 scene_graph: str = "complete", seed: int = 0):
+                 scene_graph: str = "complete", seed: int = 0, drop_failed_pairs: bool = True):
+        self.drop_failed_pairs = bool(drop_failed_pairs)
+        self.failed_pairs: Dict[Pair, str] = {}
         feature = str(feature).lower()
         if feature not in ("sift", "orb"):
             raise BackendError(f"rgbd backend: unknown feature {feature!r} (sift | orb)")
@@ -521,14 +523,26 @@ class RgbdBackend(PointmapBackend):
             report(progress, 0.3 * (c + 1) / len(used), f"rgbd: prepared keyframe {c + 1}/{len(used)}")
         und = sorted({(min(i, j), max(i, j)) for i, j in pairs})
         self.registrations = {}
+        self.failed_pairs = {}
         for c, (i, j) in enumerate(und):
             check_cancel(cancel)
             Pi, Pj = kfs[i].pose_prior, kfs[j].pose_prior
             prior = None
             if Pi is not None and Pj is not None:
                 prior = invert_pose(np.asarray(Pi, np.float64)) @ np.asarray(Pj, np.float64)
-            self.registrations[(i, j)] = self.register_pair(frames[i], frames[j], prior, i, j)
+            try:
+                self.registrations[(i, j)] = self.register_pair(frames[i], frames[j], prior, i, j)
+            except BackendError as e:
+                # a pair that does not overlap (e.g. the two ends of an arc in a complete graph)
+                # is left out of the pair graph; the aligner checks the rest stays connected
+                if not self.drop_failed_pairs:
+                    raise
+                self.failed_pairs[(i, j)] = str(e)
             report(progress, 0.3 + 0.65 * (c + 1) / len(und), f"rgbd: registered pair {c + 1}/{len(und)}")
+        if not self.registrations:
+            raise BackendError("rgbd backend: no keyframe pair could be registered: "
+                               + "; ".join(self.failed_pairs.values())[:600])
+        pairs = [(i, j) for i, j in pairs if (min(i, j), max(i, j)) in self.registrations]
         self.relative_poses = {}
         E = len(pairs)
         H, W = next(iter(shapes))
