@@ -1,0 +1,112 @@
+"""Helpers for tests that run real ROS 2 nodes (rclpy + Fast DDS) in-process or as processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, List
+
+import numpy as np
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, period: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(period)
+    return bool(pred())
+
+
+@contextmanager
+def spinning(nodes: List):
+    """Spin every node on its own single-threaded executor in a daemon thread."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    runs = []
+    for n in nodes:
+        ex = SingleThreadedExecutor()
+        ex.add_node(n)
+        th = threading.Thread(target=ex.spin, daemon=True)
+        th.start()
+        runs.append((ex, th))
+    try:
+        yield
+    finally:
+        for ex, th in runs:
+            ex.shutdown(timeout_sec=2.0)
+            th.join(timeout=2.0)
+
+
+def call_trigger(node, name: str, timeout: float = 10.0):
+    """Call a std_srvs/Trigger service from ``node`` (which must be spinning). Returns the response."""
+    from std_srvs.srv import Trigger
+
+    cli = node.create_client(Trigger, name)
+    assert cli.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+    fut = cli.call_async(Trigger.Request())
+    assert wait_for(fut.done, timeout), f"service {name} did not answer within {timeout} s"
+    node.destroy_client(cli)
+    return fut.result()
+
+
+class Collector:
+    """Subscribes to a topic and keeps every message with its arrival time."""
+
+    def __init__(self, node, msg_type, topic, qos):
+        self.msgs = []
+        self._lock = threading.Lock()
+        node.create_subscription(msg_type, topic, self._cb, qos)
+
+    def _cb(self, msg):
+        with self._lock:
+            self.msgs.append((time.perf_counter(), msg))
+
+    def nonempty(self):
+        with self._lock:
+            return [m for _, m in self.msgs if getattr(m, "width", 1) * getattr(m, "height", 1) > 0]
+
+    def last(self):
+        with self._lock:
+            return self.msgs[-1][1] if self.msgs else None
+
+    def count(self):
+        with self._lock:
+            return len(self.msgs)
+
+
+def click_point_on_object(scene, instance_kf: np.ndarray, object_id: int, view: int = 0):
+    """The 3D scene point at the most interior pixel of the object's GT mask in ``view``
+    (what an rviz2 Publish Point click on the displayed scene cloud gives)."""
+    import cv2
+
+    m = (instance_kf[view] == object_id).astype(np.uint8)
+    assert m.any(), f"object {object_id} not visible in keyframe {view}"
+    dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)
+    v, u = np.unravel_index(np.argmax(dist), dist.shape)
+    return scene.pts3d[view, v, u].astype(np.float64), (int(u), int(v))
+
+
+def start_process(args: List[str], env=None, log_path=None) -> subprocess.Popen:
+    """Start a console script in its own process group (the ROS wheels re-exec Python once at
+    start-up, so the whole group is signalled when stopping)."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(args, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process(p: subprocess.Popen, sig=signal.SIGINT, timeout: float = 10.0):
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, sig)
+        p.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=5)
