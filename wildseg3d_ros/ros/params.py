@@ -3,6 +3,7 @@ range; declared with ParameterDescriptor (so `ros2 param describe` shows them) a
 an on-set callback that rejects bad values with the reason."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -64,13 +65,47 @@ class ParamSpec:
         return None
 
 
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+_GRAPH_RE = re.compile(r"^(complete|(swin|logwin)-\d+(-noncyclic)?|oneref-\d+)$")
+
+
+def check_device(v: str) -> Optional[str]:
+    """torch device string: cpu, cuda, cuda:N or mps."""
+    return None if _DEVICE_RE.match(v) else f"device {v!r} is not one of cpu, cuda, cuda:<N>, mps"
+
+
+def check_scene_graph(v: str) -> Optional[str]:
+    return None if _GRAPH_RE.match(v) else (f"scene_graph {v!r} is not complete, swin-<k>[-noncyclic], "
+                                                "logwin-<k>[-noncyclic] or oneref-<k>")
+
+
+def check_dir_param(v: str) -> Optional[str]:
+    """A directory parameter (may be empty = disabled): no NUL, not absurdly long."""
+    if "\0" in v or len(v) > 4096:
+        return "directory parameter contains a NUL byte or is longer than 4096 characters"
+    return None
+
+
+def check_file_param(v: str) -> Optional[str]:
+    """A file path parameter (may be empty): no NUL, not absurdly long. Existence is checked
+    when the model is loaded, so that the node can report it in diagnostics."""
+    return check_dir_param(v)
+
+
 class ParameterTable:
     """Declares a node's parameters from specs and keeps a validated snapshot dict."""
 
-    def __init__(self, node, specs: Iterable[ParamSpec], on_change: Optional[Callable[[Dict[str, Any]], None]] = None):
+    def __init__(self, node, specs: Iterable[ParamSpec], on_change: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 validator: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None):
+        """``validator(values)``: cross-parameter check of a complete proposed value dict (after
+        every single value passed its own spec); returns the reason it is refused, or None.
+        At start-up a refused combination is logged and listed in ``startup_errors`` (the node
+        decides what to do with it); at run time the whole update is rejected with the reason."""
         self._node = node
         self.specs: Dict[str, ParamSpec] = {s.name: s for s in specs}
         self._on_change = on_change
+        self._validator = validator
+        self.startup_errors: List[str] = []
         for s in self.specs.values():
             node.declare_parameter(s.name, s.default, s.descriptor())
         self.values: Dict[str, Any] = {}
@@ -86,6 +121,12 @@ class ParameterTable:
             self.values[name] = v
         for err in bad:
             node.get_logger().error(f"invalid start-up parameter, default used instead: {err}")
+        self.startup_errors = list(bad)
+        if validator is not None:
+            err = validator(dict(self.values))
+            if err:
+                node.get_logger().error(f"invalid start-up parameter combination: {err}")
+                self.startup_errors.append(err)
         node.add_on_set_parameters_callback(self._on_set)
 
     def __getitem__(self, name: str):
@@ -107,6 +148,16 @@ class ParameterTable:
             if s.read_only:
                 return SetParametersResult(successful=False, reason=f"{p.name} is read-only")
             changed[p.name] = v
+        if changed and self._validator is not None:
+            proposed = dict(self.values)
+            proposed.update(changed)
+            try:
+                err = self._validator(proposed)
+            except Exception as e:  # a validator bug must not take the node down
+                err = f"parameter validation failed: {e}"
+            if err:
+                self._node.get_logger().warning(f"rejected parameter update {sorted(changed)}: {err}")
+                return SetParametersResult(successful=False, reason=err)
         self.values.update(changed)
         if changed and self._on_change is not None:
             self._on_change(changed)

@@ -11,10 +11,22 @@ Services: ~/reconstruct, ~/reset (std_srvs/Trigger)
 
 Threads: callbacks only store messages (cheap); a keyframe thread decodes and selects
 keyframes; a worker thread runs the reconstruction, cancellable by ~/reset.
+
+Bad input never stops the node: every refused message increments a counter in ``stats`` (also
+on /diagnostics), sets ``last_error`` and logs one rate-limited line saying what was wrong and
+what was done (``ThrottledLogger``: one line per kind every 2 s with a count of the others).
+
+Persistence: with ``scene_dir`` set (default ~/.ros/wildseg3d/scenes; empty disables), every
+completed scene is written atomically by core.store.save_scene (scene, mask cache, keyframe
+depth / pose priors / stamps / intrinsics, timings), keeping ``max_saved_scenes`` files. With
+``load_last_scene`` the newest saved scene is loaded at start-up and republished (the published
+cloud is bit-identical to the one published when it was reconstructed). ~/reset clears the live
+scene only, never the saved files. File names are made by the store, never taken from a message.
 """
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import traceback
@@ -30,10 +42,12 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 
 from ..core import cloud as corecloud
+from ..core import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 from ..core.pipeline import PipelineCancelled, PipelineConfig, PipelineError, ReconstructionPipeline
 from . import convert
-from .params import ParamSpec, ParameterTable
+from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
+                     check_scene_graph)
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
@@ -44,7 +58,8 @@ PARAMS = [
     ParamSpec("use_tf", True, "Look up the camera pose in world_frame from TF (tf2_ros) when it is "
               "importable; pose/odom topics are used otherwise or in addition."),
     ParamSpec("tf_timeout_s", 0.05, "TF lookup timeout per frame (s).", 0.0, 5.0),
-    ParamSpec("input.use_compressed", False, "Subscribe to image/compressed (jpeg/png) instead of image."),
+    ParamSpec("input.use_compressed", False, "Subscribe to image/compressed (jpeg/png) instead of image "
+              "(fixed at start-up).", read_only=True),
     ParamSpec("input.depth_sync_tolerance_s", 0.05, "Max |t_colour - t_depth| to pair a depth image.", 0.0, 1.0),
     ParamSpec("input.pose_sync_tolerance_s", 0.1, "Max |t_image - t_pose| to use a pose message.", 0.0, 5.0),
     ParamSpec("input.max_pixels", 4096 * 3072, "Images above this pixel count are refused.", 1, 1 << 28),
@@ -62,15 +77,18 @@ PARAMS = [
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
               "many new keyframes (0: only on ~/reconstruct).", 0, 64),
     ParamSpec("backend", "rgbd", "Pointmap backend.", choices=("rgbd", "dust3r")),
-    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint (.pth file or save_pretrained folder)."),
+    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint (.pth file or save_pretrained folder).",
+              check=check_file_param),
     ParamSpec("dust3r.image_size", 512, "DUSt3R input size (512 or 224).", 224, 512),
     ParamSpec("dust3r.batch_size", 4, "Pairs per inference batch.", 1, 64),
-    ParamSpec("scene_graph", "complete", "Pair graph: complete | swin-<k> | oneref-<k>."),
+    ParamSpec("scene_graph", "complete", "Pair graph: complete | swin-<k> | logwin-<k> | oneref-<k>.",
+              check=check_scene_graph),
     ParamSpec("segmenter", "classical", "Mask-cache segmenter.", choices=("classical", "sam2")),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
-    ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only)."),
+    ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),
-    ParamSpec("device", "cpu", "torch device for alignment / models (cpu, cuda, cuda:N)."),
+    ParamSpec("device", "cpu", "torch device for alignment / models (cpu, cuda, cuda:N, mps).",
+              check=check_device),
     ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
     ParamSpec("dga.alpha_n", 0.9, "DGA alpha magnitude for non-matching points (paper: 0.9).", -0.99, 0.99),
     ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500).", 1, 10000),
@@ -79,17 +97,69 @@ PARAMS = [
     ParamSpec("dga.match_threshold", 0.03, "Reciprocal-NN match distance, relative to depth.", 1e-4, 1.0),
     ParamSpec("use_pose_priors", True, "Use known camera poses as alignment priors."),
     ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),
+    ParamSpec("scene_dir", "~/.ros/wildseg3d/scenes", "Folder where every completed scene is saved "
+              "atomically (~ expanded; empty disables saving and loading).", check=check_dir_param),
+    ParamSpec("load_last_scene", False, "At start-up, load the newest scene of scene_dir and republish it."),
+    ParamSpec("max_saved_scenes", 5, "Scene files kept in scene_dir (oldest deleted first).", 1, 1000),
 ]
+
+
+def _validate_combination(v) -> Optional[str]:
+    """Cross-parameter checks (the ParameterTable validator): the keyframe policy as a whole."""
+    try:
+        KeyframePolicy(min_interval_s=v["keyframes.min_interval_s"], min_translation_m=v["keyframes.min_translation_m"],
+                       min_rotation_deg=v["keyframes.min_rotation_deg"], min_flow_px=v["keyframes.min_flow_px"],
+                       min_sharpness=v["keyframes.min_sharpness"],
+                       max_keyframes=v["keyframes.max_keyframes"]).validate()
+    except ValueError as e:
+        return f"keyframe policy refused: {e}"
+    if v["keyframes.reconstruct_at"] > v["keyframes.max_keyframes"]:
+        return (f"keyframes.reconstruct_at={v['keyframes.reconstruct_at']} exceeds keyframes.max_keyframes="
+                f"{v['keyframes.max_keyframes']}: the automatic reconstruction would never trigger")
+    if v["keyframes.reconstruct_at"] == 1:
+        return "keyframes.reconstruct_at=1: a reconstruction needs at least 2 keyframes (0 disables)"
+    return None
+
+
+class _Rate:
+    """Receive rate of one input (Hz) over the last ``window_s`` seconds; O(1) per message."""
+
+    def __init__(self, maxlen: int = 256):
+        self._t = collections.deque(maxlen=maxlen)
+
+    def tick(self, now: float):
+        self._t.append(now)
+
+    def hz(self, now: float, window_s: float = 3.0) -> float:
+        ts = [t for t in list(self._t) if now - t <= window_s]
+        if len(ts) < 2:
+            return 0.0
+        return (len(ts) - 1) / max(ts[-1] - ts[0], 1e-6)
+
+
+def _percentile(values, q: float) -> float:
+    v = list(values)
+    return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if v else float("nan")
 
 
 class ReconstructionNode(Node):
     def __init__(self, **kwargs):
         super().__init__("reconstruction_node", **kwargs)
         self.log = ThrottledLogger(self.get_logger())
-        self.params = ParameterTable(self, PARAMS, on_change=self._on_params_changed)
+        self.stats = collections.Counter()
+        self.last_error = ""
+        self.params = ParameterTable(self, PARAMS, on_change=self._on_params_changed,
+                                     validator=_validate_combination)
         p = self.params
+        if self.params.startup_errors:
+            self.last_error = "start-up parameters: " + "; ".join(self.params.startup_errors)
         self._lock = threading.Lock()
-        self._buffer = KeyframeBuffer(self._policy())
+        try:
+            self._buffer = KeyframeBuffer(self._policy())
+        except ValueError as e:  # start-up combination refused: keep running with the defaults
+            self.last_error = f"keyframe policy refused ({e}); default keyframe policy used"
+            self.get_logger().error(self.last_error)
+            self._buffer = KeyframeBuffer(KeyframePolicy())
         self._pipeline: Optional[ReconstructionPipeline] = None
         self._pipeline_key = None
         self._pipeline_error: Optional[str] = None
@@ -105,10 +175,18 @@ class ReconstructionNode(Node):
         self._generation = 0
         self._new_since_reconstruction = 0
         self._scene = None
-        self.stats = collections.Counter()
-        self.last_error = ""
         self.last_reconstruction = {}
         self._last_image_stamp = None
+        # diagnostics / soak figures
+        self._rates = {k: _Rate() for k in ("image", "depth", "camera_info", "pose")}
+        self.image_latency_ms = collections.deque(maxlen=2000)   # receive wall time - header stamp
+        self.callback_ms = collections.deque(maxlen=2000)        # duration of the subscription callbacks
+        self.frame_ms = collections.deque(maxlen=500)            # keyframe thread: decode + selection
+        self._cancel_t: Optional[float] = None
+        self.last_cancel_latency_s: Optional[float] = None
+        self.last_saved: str = ""
+        self._save_lock = threading.Lock()
+        self.restored = threading.Event()  # set once the start-up scene restore has finished (or was skipped)
 
         # subscriptions (callbacks only store)
         if p["input.use_compressed"]:
@@ -124,7 +202,7 @@ class ReconstructionNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reconstruct", self._srv_reconstruct)
         self.create_service(Trigger, "~/reset", self._srv_reset)
-        self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+        self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
 
         self._tf_buffer = None
         if p["use_tf"]:
@@ -138,6 +216,10 @@ class ReconstructionNode(Node):
         self._kf_thread = threading.Thread(target=self._keyframe_loop, name="keyframes", daemon=True)
         self._kf_thread.start()
         threading.Thread(target=self._ensure_pipeline, name="pipeline-init", daemon=True).start()
+        if p["load_last_scene"] and self._scene_dir():
+            threading.Thread(target=self._restore_last_scene, name="scene-restore", daemon=True).start()
+        else:
+            self.restored.set()
         self.get_logger().info(
             f"reconstruction_node ready: backend={p['backend']} segmenter={p['segmenter']} "
             f"device={p['device']} reconstruct_at={p['keyframes.reconstruct_at']}")
@@ -151,14 +233,24 @@ class ReconstructionNode(Node):
 
     def _on_params_changed(self, changed):
         if any(k.startswith("keyframes.") for k in changed):
-            self._buffer.policy = self._policy().validate()
+            self._buffer.policy = self._policy().validate()  # already checked by _validate_combination
+        if "diagnostics_period_s" in changed:
+            self._diag_timer.cancel()
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = self.create_timer(changed["diagnostics_period_s"], self._publish_diagnostics)
         # models are rebuilt lazily at the next reconstruction when their parameters changed
+
+    def _refuse(self, key: str, counter: str, msg: str, level: str = "error"):
+        """One refused input: count it, remember it as the last error, log it rate-limited."""
+        self.stats[counter] += 1
+        self.last_error = msg
+        getattr(self.log, level)(key, msg)
 
     def _pipeline_config(self) -> PipelineConfig:
         p = self.params
         backend_kwargs = {}
         if p["backend"] == "dust3r":
-            backend_kwargs = dict(checkpoint=p["dust3r.checkpoint"], image_size=p["dust3r.image_size"],
+            backend_kwargs = dict(model=p["dust3r.checkpoint"] or None, image_size=p["dust3r.image_size"],
                                   batch_size=p["dust3r.batch_size"])
         seg_kwargs = {}
         if p["segmenter"] == "sam2":
@@ -184,7 +276,8 @@ class ReconstructionNode(Node):
             pipe = ReconstructionPipeline(cfg)
         except Exception as e:  # missing package / checkpoint: clear error, keep running
             msg = f"cannot set up backend '{cfg.backend}' / segmenter '{cfg.segmenter}': {e}"
-            self.get_logger().error(msg)
+            self.get_logger().error(msg + " (the node keeps running; fix the parameters and call ~/reconstruct)")
+            self.stats["pipeline_errors"] += 1
             with self._lock:
                 self._pipeline_error = msg
                 self.last_error = msg
@@ -195,22 +288,34 @@ class ReconstructionNode(Node):
 
     # ------------------------------------------------------------------ callbacks (cheap)
     def _on_image(self, msg):
+        t0 = time.perf_counter()
+        now = time.monotonic()
         self.stats["images_received"] += 1
+        self._rates["image"].tick(now)
+        st = convert.stamp_to_sec(msg.header.stamp)
+        if st > 0:
+            self.image_latency_ms.append((time.time() - st) * 1e3)
         if self._latest_image:
             self.stats["images_superseded"] += 1  # the keyframe thread had not taken the previous one
-        self._latest_image.append((time.monotonic(), msg))
+        self._latest_image.append((now, msg))
         self._new_frame.set()
+        self.callback_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _on_depth(self, msg: Image):
+        t0 = time.perf_counter()
         self.stats["depth_received"] += 1
+        self._rates["depth"].tick(time.monotonic())
         self._depth_ring.append((convert.stamp_to_sec(msg.header.stamp), msg))
+        self.callback_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _on_camera_info(self, msg: CameraInfo):
+        self._rates["camera_info"].tick(time.monotonic())
         try:
             K = convert.camera_info_to_K(msg)
         except ValueError as e:
-            self.stats["bad_camera_info"] += 1
-            self.log.error("camera_info", f"CameraInfo refused ({e}); keeping the previous intrinsics")
+            self._refuse("camera_info", "bad_camera_info", f"CameraInfo refused ({e}); keeping the previous "
+                         "intrinsics" if self._K is not None else f"CameraInfo refused ({e}); frames are not "
+                         "buffered until a valid CameraInfo arrives")
             return
         self._K, self._K_shape = K, (msg.height, msg.width)
 
@@ -221,11 +326,11 @@ class ReconstructionNode(Node):
         self._store_pose(msg.header, msg.pose)
 
     def _store_pose(self, header, pose):
+        self._rates["pose"].tick(time.monotonic())
         try:
             T = convert.pose_to_matrix(pose)
         except ValueError as e:
-            self.stats["bad_pose"] += 1
-            self.log.error("pose", f"camera pose message refused: {e}")
+            self._refuse("pose", "bad_pose", f"camera pose message refused ({e}): pose ignored")
             return
         if header.frame_id and header.frame_id != self.params["world_frame"]:
             self.log.warning("pose_frame", f"camera pose is in frame '{header.frame_id}', expected world_frame "
@@ -242,12 +347,14 @@ class ReconstructionNode(Node):
                 t_recv, msg = self._latest_image.popleft()
             except IndexError:
                 continue
+            t0 = time.perf_counter()
             try:
                 self._process_frame(msg)
             except Exception as e:  # never let the thread die
                 self.stats["frame_errors"] += 1
                 self.last_error = f"frame processing failed: {e}"
-                self.log.error("frame", f"{self.last_error}\n{traceback.format_exc(limit=3)}")
+                self.log.error("frame", f"{self.last_error}: frame dropped\n{traceback.format_exc(limit=3)}")
+            self.frame_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _lookup_pose(self, stamp: float, frame_id: str) -> Optional[np.ndarray]:
         tol = self.params["input.pose_sync_tolerance_s"]
@@ -294,8 +401,8 @@ class ReconstructionNode(Node):
         p = self.params
         stamp = convert.stamp_to_sec(msg.header.stamp)
         if self._K is None:
-            self.log.warning("no_info", "no valid CameraInfo received yet: frames are not buffered")
-            self.stats["dropped_no_camera_info"] += 1
+            self._refuse("no_info", "dropped_no_camera_info",
+                         "no valid CameraInfo received yet: colour frame dropped", "warning")
             return
         # depth / pose messages of the same instant may arrive just after the colour image
         pose = self._lookup_pose(stamp, msg.header.frame_id)
@@ -304,9 +411,11 @@ class ReconstructionNode(Node):
                                   p["input.pose_sync_tolerance_s"])
         reason = self._buffer.cheap_reject(stamp, pose)
         if reason is not None:
-            self.stats[f"rejected_{reason}"] += 1
-            if reason in ("timestamp_backwards", "duplicate_timestamp"):
-                self.log.warning(reason, f"image at t={stamp:.3f} refused: {reason.replace('_', ' ')}")
+            if reason in ("timestamp_backwards", "duplicate_timestamp", "invalid_timestamp"):
+                self._refuse(reason, f"rejected_{reason}", f"image at t={stamp:.6f} refused: "
+                             f"{reason.replace('_', ' ')} (newest stamp seen is kept; frame dropped)", "warning")
+            else:
+                self.stats[f"rejected_{reason}"] += 1  # normal keyframe selection, not an error
             return
         try:
             if isinstance(msg, CompressedImage):
@@ -314,46 +423,43 @@ class ReconstructionNode(Node):
             else:
                 rgb = convert.image_to_array(msg, p["input.max_pixels"])
         except ValueError as e:
-            self.stats["bad_image"] += 1
-            self.log.error("image", f"image refused: {e}")
+            self._refuse("image", "bad_image", f"colour image refused ({e}): frame dropped")
             return
         if rgb.ndim != 3:
-            self.stats["bad_image"] += 1
-            self.log.error("image", f"image topic carries a depth encoding ({getattr(msg, 'encoding', '?')}); "
-                           "expected a colour image")
+            self._refuse("image", "bad_image", f"image topic carries a depth encoding "
+                         f"({getattr(msg, 'encoding', '?')}); expected a colour image: frame dropped")
             return
         if self._K_shape and tuple(self._K_shape) != rgb.shape[:2] and self._K_shape[0] > 0:
-            self.stats["bad_image"] += 1
-            self.log.error("info_size", f"CameraInfo is {self._K_shape[1]}x{self._K_shape[0]} but the image is "
-                           f"{rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
+            self._refuse("info_size", "bad_image", f"CameraInfo is {self._K_shape[1]}x{self._K_shape[0]} but the "
+                         f"image is {rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
             return
         depth = None
         if p["backend"] == "rgbd":
             dmsg = self._find_depth(stamp) or self._wait_for(lambda: self._find_depth(stamp),
                                                              p["input.depth_sync_tolerance_s"] + 0.05)
             if dmsg is None:
-                self.stats["dropped_no_depth"] += 1
-                self.log.warning("no_depth", f"no depth image within {p['input.depth_sync_tolerance_s']} s of "
-                                 f"the colour frame at t={stamp:.3f}: frame dropped")
+                self._refuse("no_depth", "dropped_no_depth", f"no depth image within "
+                             f"{p['input.depth_sync_tolerance_s']} s of the colour frame at t={stamp:.3f}: "
+                             "frame dropped", "warning")
                 return
             try:
                 depth, dstats = convert.depth_to_array(dmsg, p["input.max_pixels"])
             except ValueError as e:
-                self.stats["bad_depth"] += 1
-                self.log.error("depth", f"depth image refused: {e}")
+                self._refuse("depth", "bad_depth", f"depth image refused ({e}): frame dropped")
                 return
             if depth.shape != rgb.shape[:2]:
-                self.stats["bad_depth"] += 1
-                self.log.error("depth_size", f"depth {depth.shape[1]}x{depth.shape[0]} does not match colour "
-                               f"{rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
+                self._refuse("depth_size", "bad_depth", f"depth {depth.shape[1]}x{depth.shape[0]} does not match "
+                             f"colour {rgb.shape[1]}x{rgb.shape[0]}: frame dropped")
                 return
             if dstats["valid"] == 0:
-                self.stats["bad_depth"] += 1
-                self.log.error("depth_invalid", "depth image has no valid pixel (all 0/NaN/inf/negative): frame dropped")
+                self._refuse("depth_invalid", "bad_depth", "depth image has no valid pixel (all "
+                             "0/NaN/inf/negative): frame dropped")
                 return
             if dstats["nan"] + dstats["inf"] + dstats["negative"] > 0:
+                # common on real sensors: not an error, the pixels are masked out
+                self.stats["depth_invalid_values"] += 1
                 self.log.warning("depth_values", f"depth had {dstats['nan']} NaN, {dstats['inf']} inf, "
-                                 f"{dstats['negative']} negative values: treated as invalid")
+                                 f"{dstats['negative']} negative values: treated as invalid (0), frame kept")
         accepted, reason = self._buffer.offer(rgb, stamp, self._K.copy(), depth=depth, pose=pose,
                                               frame_id=msg.header.frame_id or "camera")
         self.stats[f"keyframe_{'accepted' if accepted else reason}"] += 1
@@ -384,28 +490,45 @@ class ReconstructionNode(Node):
             self._job.start()
         return True, f"reconstruction of {len(kfs)} keyframes started"
 
+    def _job_cancelled(self, cancel: threading.Event, gen: int, where: str):
+        t_set = self._cancel_t
+        if t_set is not None and cancel.is_set():
+            self.last_cancel_latency_s = time.monotonic() - t_set
+        self.stats["reconstructions_cancelled"] += 1
+        lat = f" {self.last_cancel_latency_s * 1e3:.0f} ms after the request" \
+            if self.last_cancel_latency_s is not None and cancel.is_set() else ""
+        self.get_logger().info(f"reconstruction cancelled ({where}){lat}; its result is discarded")
+
     def _run_job(self, kfs, gen, cancel: threading.Event, why: str):
         t0 = time.perf_counter()
         self.get_logger().info(f"reconstructing {len(kfs)} keyframes ({why})")
         pipe = self._ensure_pipeline()
         if pipe is None:
+            self.stats["reconstructions_failed"] += 1
+            return
+        if cancel.is_set():
+            self._job_cancelled(cancel, gen, "before it started")
             return
         known = all(kf.pose_prior is not None for kf in kfs)
         frame = self.params["world_frame"] if known else self.params["reconstruction_frame"]
         try:
             scene, timings = pipe.run(kfs, cancel=cancel.is_set, frame_id=frame)
-        except PipelineCancelled:
-            self.get_logger().info("reconstruction cancelled; its result is discarded")
-            return
         except Exception as e:
+            # PipelineCancelled, or BackendCancelled / SegmenterCancelled raised from inside a stage
+            if isinstance(e, PipelineCancelled) or cancel.is_set():
+                self._job_cancelled(cancel, gen, type(e).__name__)
+                return
+            self.stats["reconstructions_failed"] += 1
             self.last_error = f"reconstruction failed: {e}"
-            self.get_logger().error(f"{self.last_error}\n{traceback.format_exc(limit=4)}")
+            self.get_logger().error(f"{self.last_error} (buffer and previous scene kept)\n"
+                                    f"{traceback.format_exc(limit=4)}")
             return
         with self._lock:
             if cancel.is_set() or gen != self._generation:
-                self.get_logger().info("reconstruction finished after a reset: result discarded")
+                self._job_cancelled(cancel, gen, "finished after a reset")
                 return
             self._scene = scene
+        self.stats["reconstructions_done"] += 1
         self.last_reconstruction = dict(timings, loss=float(scene.loss), views=scene.num_views,
                                         objects=int(len(scene.mask_cache.object_ids())) if scene.mask_cache else 0,
                                         wall_s=time.perf_counter() - t0)
@@ -414,6 +537,62 @@ class ReconstructionNode(Node):
             f"scene published: {scene.num_views} keyframes, "
             f"{self.last_reconstruction['objects']} objects, frame '{scene.frame_id}', "
             f"{self.last_reconstruction['wall_s']:.2f} s")
+        self._save_scene(scene, kfs, dict(why=why, timings={k: float(v) for k, v in timings.items()}))
+
+    # ------------------------------------------------------------------ persistence
+    def _scene_dir(self) -> str:
+        d = str(self.params["scene_dir"]).strip()
+        return os.path.expanduser(d) if d else ""
+
+    def _save_scene(self, scene, kfs, extra: dict):
+        d = self._scene_dir()
+        if not d:
+            return
+        t0 = time.perf_counter()
+        try:
+            with self._save_lock:
+                path = store.save_scene(d, scene, extra=extra, keyframes_meta=kfs,
+                                        keep=int(self.params["max_saved_scenes"]))
+        except Exception as e:  # disk full, permissions, ...: the live scene is unaffected
+            self.stats["save_errors"] += 1
+            self.last_error = f"saving the scene into {d} failed: {e}"
+            self.log.error("save", self.last_error + " (the published scene is unaffected)")
+            return
+        self.last_saved = str(path)
+        self.stats["scenes_saved"] += 1
+        self.last_reconstruction["save_s"] = time.perf_counter() - t0
+        self.get_logger().info(f"scene saved to {path} ({time.perf_counter() - t0:.2f} s)")
+
+    def _restore_last_scene(self):
+        d = self._scene_dir()
+        try:
+            with self._lock:
+                gen = self._generation
+            try:
+                loaded = store.load_latest(d)
+            except Exception as e:  # StoreError: corrupt / foreign / wrong version
+                self.stats["load_errors"] += 1
+                self.last_error = f"load_last_scene: {e}"
+                self.get_logger().error(self.last_error + " (starting without a scene)")
+                return
+            if loaded is None:
+                self.get_logger().info(f"load_last_scene: no saved scene in {d}")
+                return
+            scene, extra = loaded
+            with self._lock:
+                if gen != self._generation or self._scene is not None:
+                    self.get_logger().info("load_last_scene: a reset or a new reconstruction came first; "
+                                           "saved scene not restored")
+                    return
+                self._scene = scene
+            name = extra.get("_store", {}).get("file", "?")
+            self.last_reconstruction = dict(restored_from=name, loss=float(scene.loss), views=scene.num_views)
+            self.stats["scenes_restored"] += 1
+            self._publish_scene(scene)
+            self.get_logger().info(f"load_last_scene: restored {name} ({scene.num_views} keyframes, frame "
+                                   f"'{scene.frame_id}') and republished it")
+        finally:
+            self.restored.set()
 
     def _publish_scene(self, scene):
         stamp = self.get_clock().now().to_msg()
@@ -432,11 +611,14 @@ class ReconstructionNode(Node):
         ok, msg = self._start_job("service")
         resp.success, resp.message = ok, msg
         if not ok:
-            self.get_logger().warning(f"~/reconstruct refused: {msg}")
+            self.stats["reconstruct_refused"] += 1
+            self.log.warning("reconstruct_refused", f"~/reconstruct refused: {msg}")
         return resp
 
     def _srv_reset(self, req, resp):
         with self._lock:
+            if not self._cancel.is_set():
+                self._cancel_t = time.monotonic()
             self._cancel.set()
             self._generation += 1
             self._buffer.clear()
@@ -444,6 +626,8 @@ class ReconstructionNode(Node):
             self._new_since_reconstruction = 0
             running = self._job is not None and self._job.is_alive()
         self._latest_image.clear()
+        self._depth_ring.clear()
+        self.stats["resets"] += 1
         self._publish_empty_scene()
         resp.success = True
         resp.message = "buffer and scene cleared" + (" (running reconstruction cancelled)" if running else "")
@@ -451,24 +635,58 @@ class ReconstructionNode(Node):
         return resp
 
     # ------------------------------------------------------------------ diagnostics
-    def _publish_diagnostics(self):
-        st = DiagnosticStatus(name="wildseg3d: reconstruction_node", hardware_id=self.params["device"])
-        running = self._job is not None and self._job.is_alive()
+    def diagnostics_values(self) -> dict:
+        """Key/values of the /diagnostics status (also used by tests and the soak benchmark)."""
+        now = time.monotonic()
+        running = self.reconstruction_running()
+        p = self.params
         if self._pipeline_error:
-            st.level, st.message = DiagnosticStatus.ERROR, self._pipeline_error[:200]
-        elif self.last_error:
-            st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
+            backend_status = "error"
+        elif self._pipeline is not None:
+            backend_status = "ready"
         else:
-            st.level, st.message = DiagnosticStatus.OK, "reconstructing" if running else "ok"
-        kv = {"backend": self.params["backend"], "segmenter": self.params["segmenter"],
-              "buffer_fill": f"{len(self._buffer)}/{self.params['keyframes.max_keyframes']}",
-              "reconstruction_running": str(running)}
-        kv.update({k: str(v) for k, v in self.stats.items()})
+            backend_status = "loading"
+        kv = {"backend": p["backend"], "segmenter": p["segmenter"], "device": p["device"],
+              "backend_status": backend_status,
+              "model": (p["dust3r.checkpoint"] if p["backend"] == "dust3r" else "none (rgbd: depth + features)")
+              + (f"; sam2 {p['sam2.checkpoint']}" if p["segmenter"] == "sam2" else ""),
+              "buffer_fill": f"{len(self._buffer)}/{p['keyframes.max_keyframes']}",
+              "reconstruction_running": str(running),
+              "scene": (f"{self._scene.num_views} keyframes, frame '{self._scene.frame_id}'"
+                        if self._scene is not None else "none"),
+              "last_error": self.last_error[:300] or "none",
+              "scene_dir": self._scene_dir() or "(disabled)",
+              "last_saved": os.path.basename(self.last_saved) or "none"}
+        for k, r in self._rates.items():
+            kv[f"rate_hz.{k}"] = f"{r.hz(now):.2f}"
+        kv["image_latency_p95_ms"] = f"{_percentile(self.image_latency_ms, 95):.2f}"
+        kv["callback_p95_ms"] = f"{_percentile(self.callback_ms, 95):.3f}"
+        kv["frame_processing_p95_ms"] = f"{_percentile(self.frame_ms, 95):.2f}"
+        lr = self.last_reconstruction
+        kv["last_reconstruction_time_s"] = f"{lr['wall_s']:.3f}" if "wall_s" in lr else "none"
+        kv["last_reconstruction_loss"] = f"{lr['loss']:.6g}" if "loss" in lr else "none"
+        if self.last_cancel_latency_s is not None:
+            kv["last_cancel_latency_ms"] = f"{self.last_cancel_latency_s * 1e3:.1f}"
+        kv.update({k: str(v) for k, v in sorted(self.stats.items())})
         kv.update({f"last_reconstruction.{k}": f"{v:.4g}" if isinstance(v, float) else str(v)
-                   for k, v in self.last_reconstruction.items()})
-        st.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
-        self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
-                                              status=[st]))
+                   for k, v in lr.items()})
+        return kv
+
+    def _publish_diagnostics(self):
+        try:
+            st = DiagnosticStatus(name="wildseg3d: reconstruction_node", hardware_id=self.params["device"])
+            running = self.reconstruction_running()
+            if self._pipeline_error:
+                st.level, st.message = DiagnosticStatus.ERROR, self._pipeline_error[:200]
+            elif self.last_error:
+                st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
+            else:
+                st.level, st.message = DiagnosticStatus.OK, "reconstructing" if running else "ok"
+            st.values = [KeyValue(key=k, value=v) for k, v in self.diagnostics_values().items()]
+            self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
+                                                  status=[st]))
+        except Exception as e:  # diagnostics must never take the node down
+            self.log.error("diagnostics", f"diagnostics failed: {e}")
 
     def destroy_node(self):
         self._stop.set()

@@ -17,10 +17,24 @@ current scene and parameters, replay the prompts, republish) — std_srvs/Trigge
 
 All work runs in one worker thread fed by a queue (scene preparation, prompts in arrival
 order); callbacks only enqueue, so services and parameters always answer.
+
+Bad prompts (no scene yet, no TF to the scene frame, far from every surface, outside the image,
+unknown keyframe, negative before positive) and bad scene messages are refused with a
+rate-limited log line; ``stats`` counts them and ``last_error`` holds the latest.
+
+Persistence: with ``scene_dir`` set, the prompts of the current scene (3D points already in the
+scene frame, pixel prompts as keyframe/u/v; positive / negative / new object) are saved
+atomically after every change via core.store.save_session, keyed by the scene identity (a
+BLAKE2 hash of the scene cloud's data bytes, its size and frame). With ``load_last_session``,
+when a scene with that identity arrives (e.g. the reconstruction node restarted with
+load_last_scene), the prompts are replayed and the same segmented cloud is republished.
+A scene message identical to the current one (a republish) keeps the current selection.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
+import os
 import queue
 import threading
 import time
@@ -37,17 +51,18 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from ..core import cloud as corecloud
+from ..core import store
 from ..core.scene_codec import SceneDecodeError, scene_from_cloud_array
 from . import convert
-from .params import ParamSpec, ParameterTable
+from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
     ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks.",
               choices=("classical", "sam2")),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
-    ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only)."),
-    ParamSpec("device", "cpu", "torch device for SAM2 refinement."),
+    ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
+    ParamSpec("device", "cpu", "torch device for SAM2 refinement (cpu, cuda, cuda:N, mps).", check=check_device),
     ParamSpec("prompt.max_distance_m", 0.05, "A 3D click farther than this from every scene point "
               "selects nothing.", 1e-4, 10.0),
     ParamSpec("mgm.voxel_size_m", 0.0, "Voxel size of the floater filter (m); 0 = automatic "
@@ -55,14 +70,35 @@ PARAMS = [
     ParamSpec("mgm.min_consistency", 0.5, "Minimum share of the other views that see a point and "
               "agree with its object for the point to be kept.", 0.0, 1.0),
     ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),
+    ParamSpec("scene_dir", "~/.ros/wildseg3d/scenes", "Folder of the saved session (session.json: the "
+              "prompts of the current scene, saved after every change; ~ expanded; empty disables).",
+              check=check_dir_param),
+    ParamSpec("load_last_session", False, "Replay the saved prompts when the scene they were made on "
+              "is received again (same scene identity), e.g. after a restart."),
 ]
+
+SESSION_FORMAT = "wildseg3d-prompts-1"
+
+
+def scene_identity(msg: PointCloud2) -> str:
+    """Identity of a published scene: hash of the cloud's data bytes, size and frame (the stamp
+    is left out: a restored scene is republished with a new stamp but identical bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{msg.height}x{msg.width}:{msg.point_step}:{msg.header.frame_id}:".encode())
+    h.update(memoryview(msg.data))
+    return h.hexdigest()
+
+
+def _percentile(values, q: float) -> float:
+    v = list(values)
+    return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if v else float("nan")
 
 
 class SegmentationNode(Node):
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
         self.log = ThrottledLogger(self.get_logger())
-        self.params = ParameterTable(self, PARAMS)
+        self.params = ParameterTable(self, PARAMS, on_change=self._on_params_changed)
         self._q: "queue.Queue" = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self.scene = None
@@ -70,10 +106,16 @@ class SegmentationNode(Node):
         self.session = None
         self._segmenter = None
         self._segmenter_error = ""
-        self.prompt_log: List[tuple] = []  # prompts of the current scene, replayed by ~/resegment
+        # prompts of the current scene, replayed by ~/resegment and saved in the session:
+        # (kind, data, positive, new_object) with data = xyz (np.float64[3], scene frame) for
+        # kind 'point' and (keyframe, u, v) for kind 'pixel'
+        self.prompt_log: List[tuple] = []
+        self.scene_id: Optional[str] = None
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
         self.last_error = ""
+        self.last_saved_session = ""
+        self.restored_prompts = 0
 
         self.create_subscription(PointCloud2, "wildseg3d/scene", self._on_scene, convert.LATCHED_QOS)
         self.create_subscription(PointStamped, "clicked_point",
@@ -93,7 +135,7 @@ class SegmentationNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reset", self._srv_reset)
         self.create_service(Trigger, "~/resegment", self._srv_resegment)
-        self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
+        self._diag_timer = self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
         self._tf_buffer = None
         try:
             import tf2_ros
@@ -104,6 +146,17 @@ class SegmentationNode(Node):
         self._worker = threading.Thread(target=self._work_loop, name="segmentation", daemon=True)
         self._worker.start()
         self.get_logger().info("segmentation_node ready: waiting for a scene on wildseg3d/scene")
+
+    def _on_params_changed(self, changed):
+        if "diagnostics_period_s" in changed:
+            self._diag_timer.cancel()
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = self.create_timer(changed["diagnostics_period_s"], self._publish_diagnostics)
+
+    def _refuse(self, key: str, counter: str, msg: str, level: str = "warning"):
+        self.stats[counter] += 1
+        self.last_error = msg
+        getattr(self.log, level)(key, msg)
 
     # ------------------------------------------------------------------ callbacks (enqueue only)
     def _on_scene(self, msg: PointCloud2):
@@ -116,8 +169,8 @@ class SegmentationNode(Node):
         try:
             self._q.put_nowait(item)
         except queue.Full:
-            self.stats["dropped_queue_full"] += 1
-            self.log.error("queue", "segmentation queue full (256 pending items): input dropped")
+            self._refuse("queue", "dropped_queue_full", "segmentation queue full (256 pending items): "
+                         f"{item[0]} input dropped", "error")
 
     # ------------------------------------------------------------------ worker
     def _work_loop(self):
@@ -136,8 +189,10 @@ class SegmentationNode(Node):
                 else:
                     self._handle_prompt(*item)
             except Exception as e:  # keep the worker alive whatever happens
+                self.stats["worker_errors"] += 1
                 self.last_error = f"{item[0]} failed: {e}"
-                self.get_logger().error(f"{self.last_error}\n{traceback.format_exc(limit=4)}")
+                self.log.error(f"worker_{item[0]}", f"{self.last_error} (input dropped, node keeps running)\n"
+                               f"{traceback.format_exc(limit=4)}")
 
     def _get_segmenter(self):
         if self._segmenter is None and not self._segmenter_error:
@@ -165,26 +220,105 @@ class SegmentationNode(Node):
     def _load_scene(self, msg: PointCloud2):
         t0 = time.perf_counter()
         if msg.width * msg.height == 0:
-            self.scene, self.session, self.prompt_log = None, None, []
+            self.scene, self.session, self.prompt_log, self.scene_id = None, None, [], None
             self._publish_results([])
             self.get_logger().info("empty scene received (reconstruction reset): selection cleared")
+            return
+        sid = scene_identity(msg)
+        if sid == self.scene_id and self.session is not None:
+            self.stats["scene_republished"] += 1
+            self.scene_stamp = msg.header.stamp
+            self.get_logger().info("the same scene was received again (republished): selection kept")
+            self._publish_results(self.session.results())
             return
         try:
             arr = convert.cloud_to_struct(msg)
             scene = scene_from_cloud_array(arr, msg.header.frame_id)
         except (corecloud.CloudError, SceneDecodeError, ValueError) as e:
-            self.stats["bad_scene"] += 1
-            self.last_error = f"scene message refused: {e}"
-            self.get_logger().error(self.last_error)
+            self._refuse("bad_scene", "bad_scene", f"scene message refused ({e}); the previous scene "
+                         "and selection are kept", "error")
             return
         session = self._build_session(scene)
-        self.scene, self.session, self.scene_stamp = scene, session, msg.header.stamp
+        self.scene, self.session, self.scene_stamp, self.scene_id = scene, session, msg.header.stamp, sid
         self.prompt_log = []
-        self._publish_results([])
+        self.stats["scenes_loaded"] += 1
         n_obj = len(scene.mask_cache.object_ids()) if scene.mask_cache is not None else 0
         self.get_logger().info(f"scene ready: {scene.num_views} keyframes {scene.image_shape[1]}x"
                                f"{scene.image_shape[0]}, {n_obj} cached objects, frame '{scene.frame_id}' "
                                f"({time.perf_counter() - t0:.2f} s to prepare)")
+        if not self._restore_session():
+            self._publish_results([])
+
+    # ------------------------------------------------------------------ session persistence
+    def _scene_dir(self) -> str:
+        d = str(self.params["scene_dir"]).strip()
+        return os.path.expanduser(d) if d else ""
+
+    @staticmethod
+    def _prompt_to_json(kind, data, positive, new_object) -> dict:
+        d = {"kind": kind, "positive": bool(positive), "new_object": bool(new_object)}
+        if kind == "point":
+            d["xyz"] = [float(x) for x in data]
+        else:
+            d["keyframe"], d["u"], d["v"] = int(data[0]), float(data[1]), float(data[2])
+        return d
+
+    @staticmethod
+    def _prompt_from_json(d) -> tuple:
+        """Validated prompt tuple from a saved dict (ValueError / KeyError / TypeError if malformed)."""
+        kind = d["kind"]
+        if kind == "point":
+            xyz = np.array(d["xyz"], dtype=np.float64).reshape(-1)
+            if xyz.shape != (3,) or not np.isfinite(xyz).all():
+                raise ValueError(f"bad 3D prompt {d['xyz']!r}")
+            data = xyz
+        elif kind == "pixel":
+            data = (int(d["keyframe"]), float(d["u"]), float(d["v"]))
+        else:
+            raise ValueError(f"unknown prompt kind {kind!r}")
+        return kind, data, bool(d["positive"]), bool(d["new_object"])
+
+    def _save_session(self):
+        d = self._scene_dir()
+        if not d or self.scene_id is None:
+            return
+        body = {"format": SESSION_FORMAT, "scene_id": self.scene_id,
+                "frame_id": self.scene.frame_id if self.scene is not None else "",
+                "prompts": [self._prompt_to_json(*p) for p in self.prompt_log]}
+        try:
+            self.last_saved_session = str(store.save_session(d, body))
+            self.stats["sessions_saved"] += 1
+        except Exception as e:
+            self._refuse("session_save", "session_save_errors", f"saving the prompt session into {d} failed "
+                         f"({e}); the live selection is unaffected", "error")
+
+    def _restore_session(self) -> bool:
+        """Replay the saved prompts when they belong to the current scene. True if replayed."""
+        d = self._scene_dir()
+        if not d or not self.params["load_last_session"]:
+            return False
+        try:
+            sess = store.load_session(d)
+        except Exception as e:  # StoreError: corrupt / foreign / wrong version
+            self._refuse("session_load", "session_load_errors", f"saved session refused ({e}); starting "
+                         "with no prompts", "error")
+            return False
+        if not sess or sess.get("format") != SESSION_FORMAT or sess.get("scene_id") != self.scene_id:
+            return False
+        try:
+            prompts = [self._prompt_from_json(x) for x in sess.get("prompts") or []]
+        except (KeyError, TypeError, ValueError) as e:
+            self._refuse("session_load", "session_load_errors", f"saved session is malformed ({e}); "
+                         "starting with no prompts", "error")
+            return False
+        for kind, data, positive, new_object in prompts:
+            self._apply_prompt(kind, data, positive, new_object, t_recv=None)
+        self.restored_prompts = len(self.prompt_log)
+        self.stats["sessions_restored"] += 1
+        self._publish_results(self.session.results())
+        self.get_logger().info(f"session restored: {len(self.prompt_log)} of {len(prompts)} saved prompt(s) "
+                               "replayed on the same scene")
+        return True
 
     def _to_scene_frame(self, msg: PointStamped) -> np.ndarray:
         p = np.array([msg.point.x, msg.point.y, msg.point.z], dtype=np.float64)
@@ -207,38 +341,52 @@ class SegmentationNode(Node):
         tr, q = tf.transform.translation, tf.transform.rotation
         return transform_points(pose_from_xyz_quat([tr.x, tr.y, tr.z], [q.x, q.y, q.z, q.w]), p)
 
-    def _handle_prompt(self, kind, t_recv, msg, positive, new_object, replay=False):
-        from ..core.segment.interactive import PromptError
+    def _handle_prompt(self, kind, t_recv, msg, positive, new_object):
         what = ("positive" if positive else "negative") + (" new-object" if new_object else "")
         if self.session is None:
-            self.stats["prompts_without_scene"] += 1
-            self.log.warning("no_scene", f"{what} {kind} prompt ignored: no scene has been reconstructed yet "
-                             "(waiting for wildseg3d/scene)")
+            self._refuse("no_scene", "prompts_without_scene", f"{what} {kind} prompt ignored: no scene has "
+                         "been reconstructed yet (waiting for wildseg3d/scene)")
             return
         try:
             if kind == "point":
-                p = self._to_scene_frame(msg)
+                data = self._to_scene_frame(msg)
+            else:
+                view = convert.parse_keyframe_frame(msg.header.frame_id)
+                data = (view, float(msg.point.x), float(msg.point.y))
+        except ValueError as e:
+            self._refuse("prompt", "prompts_refused", f"{what} {kind} prompt refused: {e}")
+            return
+        if self._apply_prompt(kind, data, positive, new_object, t_recv):
+            self._save_session()
+
+    def _apply_prompt(self, kind, data, positive, new_object, t_recv: Optional[float]) -> bool:
+        """Apply one prompt (scene-frame point or keyframe pixel) to the session, log it and
+        publish. t_recv None = replay (no latency statistics, publish left to the caller)."""
+        from ..core.segment.interactive import PromptError
+        what = ("positive" if positive else "negative") + (" new-object" if new_object else "")
+        try:
+            if kind == "point":
+                p = np.asarray(data, dtype=np.float64)
                 self.session.add_point_prompt(p, positive=positive, new_object=new_object)
                 desc = f"3D ({p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f})"
             else:
-                view = convert.parse_keyframe_frame(msg.header.frame_id)
-                u, v = float(msg.point.x), float(msg.point.y)
+                view, u, v = data
                 self.session.add_pixel_prompt(view, u, v, positive=positive, new_object=new_object)
                 desc = f"pixel ({u:.1f}, {v:.1f}) on keyframe {view}"
         except (PromptError, ValueError) as e:
-            self.stats["prompts_refused"] += 1
-            self.log.warning("prompt", f"{what} {kind} prompt refused: {e}")
-            return
-        if not replay:
-            self.prompt_log.append((kind, msg, positive, new_object))
+            self._refuse("prompt", "prompts_refused", f"{what} {kind} prompt refused: {e}")
+            return False
+        self.prompt_log.append((kind, data, positive, new_object))
+        if t_recv is None:
+            return True
         results = self.session.results()
         self._publish_results(results)
         dt = (time.perf_counter() - t_recv) * 1e3
-        if not replay:
-            self.latencies_ms.append(dt)
-            self.stats["prompts_answered"] += 1
+        self.latencies_ms.append(dt)
+        self.stats["prompts_answered"] += 1
         n = sum(len(seg.points) for _, seg in results)
         self.get_logger().info(f"{what} {desc}: {len(results)} object(s), {n} points, {dt:.1f} ms")
+        return True
 
     def _publish_results(self, results):
         stamp = self.get_clock().now().to_msg()
@@ -258,6 +406,7 @@ class SegmentationNode(Node):
             self.session.reset()
         self.prompt_log = []
         self._publish_results([])
+        self._save_session()
 
     def _do_resegment(self, done: threading.Event):
         try:
@@ -265,10 +414,11 @@ class SegmentationNode(Node):
                 return
             self._segmenter, self._segmenter_error = None, ""
             self.session = self._build_session(self.scene)
-            for kind, msg, positive, new_object in list(self.prompt_log):
-                self._handle_prompt(kind, time.perf_counter(), msg, positive, new_object, replay=True)
-            if not self.prompt_log:
-                self._publish_results([])
+            prompts, self.prompt_log = list(self.prompt_log), []
+            for kind, data, positive, new_object in prompts:
+                self._apply_prompt(kind, data, positive, new_object, t_recv=None)
+            self._publish_results(self.session.results())
+            self._save_session()
         finally:
             done.set()
 
@@ -289,23 +439,45 @@ class SegmentationNode(Node):
         return resp
 
     # ------------------------------------------------------------------ diagnostics
-    def _publish_diagnostics(self):
-        st = DiagnosticStatus(name="wildseg3d: segmentation_node", hardware_id=self.params["device"])
+    def diagnostics_values(self) -> dict:
+        """Key/values of the /diagnostics status (also used by tests and the soak benchmark)."""
+        p = self.params
         if self._segmenter_error:
-            st.level, st.message = DiagnosticStatus.WARN, self._segmenter_error[:200]
-        elif self.last_error:
-            st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
+            seg_status = "error"
+        elif self._segmenter is not None:
+            seg_status = "ready"
         else:
-            st.level, st.message = DiagnosticStatus.OK, "scene loaded" if self.scene is not None else "waiting for a scene"
-        kv = {"segmenter": self.params["segmenter"], "queue": str(self._q.qsize())}
-        if self.latencies_ms:
-            lat = np.array(self.latencies_ms)
-            kv["prompt_latency_p50_ms"] = f"{np.percentile(lat, 50):.2f}"
-            kv["prompt_latency_p95_ms"] = f"{np.percentile(lat, 95):.2f}"
-        kv.update({k: str(v) for k, v in self.stats.items()})
-        st.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
-        self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
-                                              status=[st]))
+            seg_status = "not loaded yet (loaded with the first scene)"
+        scene = self.scene
+        kv = {"segmenter": p["segmenter"], "segmenter_status": seg_status, "device": p["device"],
+              "model": p["sam2.checkpoint"] if p["segmenter"] == "sam2" else "none (classical)",
+              "queue": f"{self._q.qsize()}/{self._q.maxsize}",
+              "scene": (f"{scene.num_views} keyframes, frame '{scene.frame_id}'" if scene is not None else "none"),
+              "scene_id": self.scene_id or "none",
+              "prompts": str(len(self.prompt_log)),
+              "objects": str(len(self.session.results())) if self.session is not None else "0",
+              "prompt_latency_p50_ms": f"{_percentile(self.latencies_ms, 50):.2f}",
+              "prompt_latency_p95_ms": f"{_percentile(self.latencies_ms, 95):.2f}",
+              "last_error": (self.last_error or self._segmenter_error)[:300] or "none",
+              "scene_dir": self._scene_dir() or "(disabled)"}
+        kv.update({k: str(v) for k, v in sorted(self.stats.items())})
+        return kv
+
+    def _publish_diagnostics(self):
+        try:
+            st = DiagnosticStatus(name="wildseg3d: segmentation_node", hardware_id=self.params["device"])
+            if self._segmenter_error:
+                st.level, st.message = DiagnosticStatus.WARN, self._segmenter_error[:200]
+            elif self.last_error:
+                st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
+            else:
+                st.level, st.message = DiagnosticStatus.OK, ("scene loaded" if self.scene is not None
+                                                             else "waiting for a scene")
+            st.values = [KeyValue(key=k, value=v) for k, v in self.diagnostics_values().items()]
+            self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
+                                                  status=[st]))
+        except Exception as e:  # diagnostics must never take the node down
+            self.log.error("diagnostics", f"diagnostics failed: {e}")
 
     def destroy_node(self):
         self._stop.set()
