@@ -97,8 +97,11 @@ class ReconstructionPipeline:
         say("segmentation", 0.25)
         rgb = np.stack([kf.rgb for kf in kfs])
         cam_pts = self._camera_pointmaps(preds, len(kfs))
-        local = np.stack([self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1])
-                          for v in range(len(kfs))])
+        local = []
+        for v in range(len(kfs)):  # one cancel check per view (a view can take seconds at 640x480)
+            _check_cancel(cancel)
+            local.append(self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1]))
+        local = np.stack(local)
         soft = build_soft_masks(local)
         t["presegment_s"] = time.perf_counter() - t1
         _check_cancel(cancel)

@@ -48,7 +48,7 @@ from ..core.pipeline import PipelineCancelled, PipelineConfig, PipelineError, Re
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)
-from .throttled_log import ThrottledLogger
+from .throttled_log import ThrottledLogger, throttle_key
 
 PARAMS = [
     ParamSpec("world_frame", "map", "Frame of the published scene when camera poses are known "
@@ -244,7 +244,7 @@ class ReconstructionNode(Node):
         """One refused input: count it, remember it as the last error, log it rate-limited."""
         self.stats[counter] += 1
         self.last_error = msg
-        getattr(self.log, level)(key, msg)
+        getattr(self.log, level)(throttle_key(key, msg), msg)
 
     def _pipeline_config(self) -> PipelineConfig:
         p = self.params
@@ -471,24 +471,33 @@ class ReconstructionNode(Node):
 
     # ------------------------------------------------------------------ reconstruction job
     def reconstruction_running(self) -> bool:
+        """True while a reconstruction that has not been cancelled is running."""
         job = self._job
-        return job is not None and job.is_alive()
+        return job is not None and job.is_alive() and not self._cancel.is_set()
+
+    def job_winding_down(self) -> bool:
+        """True while a cancelled reconstruction thread has not reached its next cancel check yet
+        (its result will be discarded; a new reconstruction may already have been requested)."""
+        job = self._job
+        return job is not None and job.is_alive() and self._cancel.is_set()
 
     def _start_job(self, why: str):
         with self._lock:
-            if self._job is not None and self._job.is_alive():
+            if self.reconstruction_running():
                 return False, "a reconstruction is already running"
             kfs = self._buffer.keyframes()
             if len(kfs) < 2:
                 return False, f"too few keyframes: {len(kfs)} buffered, at least 2 needed"
+            previous = self._job if self._job is not None and self._job.is_alive() else None
             self._cancel = threading.Event()
             self._generation += 1
             gen = self._generation
             self._new_since_reconstruction = 0
-            self._job = threading.Thread(target=self._run_job, args=(kfs, gen, self._cancel, why),
+            self._job = threading.Thread(target=self._run_job, args=(kfs, gen, self._cancel, why, previous),
                                          name="reconstruction", daemon=True)
             self._job.start()
-        return True, f"reconstruction of {len(kfs)} keyframes started"
+        extra = " (after the cancelled one stops)" if previous is not None else ""
+        return True, f"reconstruction of {len(kfs)} keyframes started{extra}"
 
     def _job_cancelled(self, cancel: threading.Event, gen: int, where: str):
         t_set = self._cancel_t
@@ -499,7 +508,10 @@ class ReconstructionNode(Node):
             if self.last_cancel_latency_s is not None and cancel.is_set() else ""
         self.get_logger().info(f"reconstruction cancelled ({where}){lat}; its result is discarded")
 
-    def _run_job(self, kfs, gen, cancel: threading.Event, why: str):
+    def _run_job(self, kfs, gen, cancel: threading.Event, why: str, previous: Optional[threading.Thread] = None):
+        if previous is not None:  # a cancelled job still running: the pipeline objects are not shared
+            while previous.is_alive() and not cancel.is_set() and not self._stop.is_set():
+                previous.join(0.1)
         t0 = time.perf_counter()
         self.get_logger().info(f"reconstructing {len(kfs)} keyframes ({why})")
         pipe = self._ensure_pipeline()
@@ -652,6 +664,7 @@ class ReconstructionNode(Node):
               + (f"; sam2 {p['sam2.checkpoint']}" if p["segmenter"] == "sam2" else ""),
               "buffer_fill": f"{len(self._buffer)}/{p['keyframes.max_keyframes']}",
               "reconstruction_running": str(running),
+              "cancelled_job_winding_down": str(self.job_winding_down()),
               "scene": (f"{self._scene.num_views} keyframes, frame '{self._scene.frame_id}'"
                         if self._scene is not None else "none"),
               "last_error": self.last_error[:300] or "none",

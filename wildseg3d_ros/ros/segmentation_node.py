@@ -55,7 +55,7 @@ from ..core import store
 from ..core.scene_codec import SceneDecodeError, scene_from_cloud_array
 from . import convert
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
-from .throttled_log import ThrottledLogger
+from .throttled_log import ThrottledLogger, throttle_key
 
 PARAMS = [
     ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks.",
@@ -156,7 +156,7 @@ class SegmentationNode(Node):
     def _refuse(self, key: str, counter: str, msg: str, level: str = "warning"):
         self.stats[counter] += 1
         self.last_error = msg
-        getattr(self.log, level)(key, msg)
+        getattr(self.log, level)(throttle_key(key, msg), msg)
 
     # ------------------------------------------------------------------ callbacks (enqueue only)
     def _on_scene(self, msg: PointCloud2):
@@ -381,7 +381,7 @@ class SegmentationNode(Node):
             return True
         results = self.session.results()
         self._publish_results(results)
-        dt = (time.perf_counter() - t_recv) * 1e3
+        dt = (self._t_cloud_published - t_recv) * 1e3  # prompt receipt -> object PointCloud2 published
         self.latencies_ms.append(dt)
         self.stats["prompts_answered"] += 1
         n = sum(len(seg.points) for _, seg in results)
@@ -398,6 +398,7 @@ class SegmentationNode(Node):
         C = np.concatenate(cols) if cols else np.zeros((0, 3), np.uint8)
         L = np.concatenate(labels) if labels else np.zeros((0,), np.uint32)
         self.cloud_pub.publish(convert.struct_to_cloud(corecloud.pack_object_cloud(P, C), frame, stamp))
+        self._t_cloud_published = time.perf_counter()  # end of the prompt-latency span
         self.labelled_pub.publish(convert.struct_to_cloud(corecloud.pack_object_cloud(P, C, L), frame, stamp))
         self.marker_pub.publish(convert.bbox_markers([(lab, seg.points) for lab, seg in results], frame, stamp))
 

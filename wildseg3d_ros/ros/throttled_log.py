@@ -2,9 +2,19 @@
 with a count of what was suppressed, instead of flooding the console."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Dict
+
+_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def throttle_key(kind: str, msg: str) -> str:
+    """Rate-limiting key of a message: its kind plus the text with numbers blanked, so that the
+    same problem repeated with other stamps / sizes is limited together while a different problem
+    of the same kind is still logged at once."""
+    return f"{kind}:{_NUM.sub('#', msg)[:120]}"
 
 
 class ThrottledLogger:
@@ -25,7 +35,7 @@ class ThrottledLogger:
             n = self._suppressed.pop(key, 0)
             self._last[key] = now
         if n:
-            msg = f"{msg} (same message suppressed {n} times in the last {self._period:.0f} s)"
+            msg = f"{msg} (same message suppressed {n} times in the last {self._period:g} s)"
         getattr(self._logger, level)(msg)
         return True
 
