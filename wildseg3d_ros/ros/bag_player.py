@@ -89,11 +89,12 @@ def to_ros_message(m: "bags.BagMessage", encoding: Optional[str] = None, stamp=N
 def play_bag(node: Node, bag_path, rate: float = 1.0, topic_map: Optional[Dict[str, Optional[str]]] = None,
              mode: str = "raw", only_mapped: bool = False, wait_for_subscribers_s: float = 0.0,
              encoding: Optional[str] = None, restamp: bool = False, stop: Optional[threading.Event] = None,
+             min_subscribers: int = 1,
              publishers: Optional[dict] = None, qos: QoSProfile = PLAYER_QOS) -> Dict[str, object]:
     """Publish the messages of ``bag_path`` on ``node`` (see the module docstring).
 
-    wait_for_subscribers_s: wait up to this long for every publisher to see one subscriber
-    before starting (discovery). stop: an Event that ends the replay early. publishers: a dict
+    wait_for_subscribers_s: wait up to this long for every publisher to see ``min_subscribers``
+    subscribers before starting (discovery). stop: an Event that ends the replay early. publishers: a dict
     reused across calls (topic -> publisher). Returns stats: ``published`` per output topic,
     ``wall_s``, ``bag_s`` (bag time span), ``max_late_s`` (worst delay of a publication behind
     its schedule), ``skipped`` (topics not published), ``subscribers_ready``.
@@ -119,10 +120,10 @@ def play_bag(node: Node, bag_path, rate: float = 1.0, topic_map: Optional[Dict[s
     if wait_for_subscribers_s > 0:
         deadline = time.monotonic() + wait_for_subscribers_s
         while time.monotonic() < deadline:
-            if all(pubs[d].get_subscription_count() > 0 for d in out_topic.values()):
+            if all(pubs[d].get_subscription_count() >= min_subscribers for d in out_topic.values()):
                 break
             time.sleep(0.02)
-        ready = all(pubs[d].get_subscription_count() > 0 for d in out_topic.values())
+        ready = all(pubs[d].get_subscription_count() >= min_subscribers for d in out_topic.values())
     published: Dict[str, int] = {d: 0 for d in out_topic.values()}
     max_late = 0.0
     t_wall0 = None
