@@ -1,0 +1,190 @@
+"""Reliability of segmentation_node under bad prompts and bad scene messages, over real ROS 2.
+
+A scene is reconstructed once offline (core pipeline, 96x72, 3 keyframes) and published by a test
+node on wildseg3d/scene exactly like reconstruction_node does. Every bad prompt / scene message is
+refused with a counter, ``last_error`` and a rate-limited log line; the selection and the scene
+are kept, and a later good prompt still segments the object.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy wheels are not installed")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import PointStamped  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import PointCloud2  # noqa: E402
+
+from ros_harness import Collector, call_trigger, click_point_on_object, wait_for  # noqa: E402
+from test_reliability_reconstruction import RecordingLogger  # noqa: E402
+from wildseg3d_ros.core import cloud as corecloud  # noqa: E402
+from wildseg3d_ros.ros import convert  # noqa: E402
+from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+W, H, V = 96, 72, 3
+
+
+@pytest.fixture(scope="module")
+def built():
+    from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+    from wildseg3d_ros.core.scene import Keyframe
+    from wildseg3d_ros.core.synthetic import render_sequence
+    seq = render_sequence(n_views=V, width=W, height=H, seed=4)
+    kfs = [Keyframe(index=i, stamp=float(i), rgb=seq.rgb[i], K=seq.K, depth=seq.depth[i], pose_prior=seq.poses[i])
+           for i in range(V)]
+    scene, _ = ReconstructionPipeline(PipelineConfig(iterations=10)).run(kfs, frame_id="map")
+    return seq, scene
+
+
+@pytest.fixture(scope="module")
+def ros():
+    rclpy.init()
+    yield
+    if rclpy.ok():
+        rclpy.shutdown()
+
+
+def scene_msg(scene, stamp=5.0):
+    arr, h, w = corecloud.pack_scene_cloud(scene)
+    return convert.struct_to_cloud(arr, scene.frame_id, stamp, h, w)
+
+
+def point_msg(p, frame="map", stamp=1.0):
+    m = PointStamped(header=convert.make_header(frame, stamp))
+    m.point.x, m.point.y, m.point.z = (float(x) for x in p)
+    return m
+
+
+def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
+    from wildseg3d_ros.ros.segmentation_node import SegmentationNode
+    seq, scene = built
+    # tiny 3-view scene: keep every mapped point (the MGM consistency filter is tested elsewhere)
+    node = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=str(tmp_path)),
+                                                 Parameter("mgm.min_consistency", value=0.0),
+                                                 Parameter("diagnostics_period_s", value=0.2)])
+    rec = RecordingLogger()
+    node.log = ThrottledLogger(rec, period_s=2.0)
+    client = rclpy.create_node("seg_reliability_client")
+    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
+    pubs = {t: client.create_publisher(PointStamped, t, convert.PROMPT_QOS)
+            for t in ("clicked_point", "wildseg3d/negative_point", "wildseg3d/new_object_point",
+                      "wildseg3d/pixel_prompt", "wildseg3d/pixel_prompt_negative")}
+    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
+    diag = Collector(client, DiagnosticArray, "/diagnostics", 10)
+    ex = MultiThreadedExecutor(num_threads=3)
+    ex.add_node(node)
+    ex.add_node(client)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    try:
+        assert wait_for(lambda: all(p.get_subscription_count() > 0 for p in pubs.values())
+                        and scene_pub.get_subscription_count() > 0, 10)
+
+        def refused(topic, msg, counter, needle):
+            n0 = node.stats[counter]
+            pubs[topic].publish(msg)
+            assert wait_for(lambda: node.stats[counter] == n0 + 1, 10), (topic, counter, dict(node.stats))
+            assert needle in node.last_error, (needle, node.last_error)
+            assert any(needle in m for _, m in rec.lines), f"nothing logged with {needle!r}"
+
+        # prompts before any scene
+        refused("clicked_point", point_msg([0, 0, 1]), "prompts_without_scene", "no scene has been reconstructed")
+        refused("wildseg3d/pixel_prompt", point_msg([3, 3, 0], "keyframe_0"), "prompts_without_scene",
+                "no scene has been reconstructed")
+
+        # scene messages with inconsistent fields (before a good scene)
+        good = scene_msg(scene)
+        arr = convert.cloud_to_struct(good).copy()
+        arr["keyframe"][H: H + 3] = 2  # rows of keyframe 1 claim to be keyframe 2
+        bad_kf = convert.struct_to_cloud(arr, "map", 5.0, arr.shape[0], arr.shape[1])
+        short = scene_msg(scene)
+        short.data = bytes(short.data)[:-7]
+        nofield = scene_msg(scene)
+        nofield.fields = [f for f in nofield.fields if f.name != "keyframe"]
+        n_bad = 0
+        for m, needle in ((bad_kf, "inconsistent"), (short, "refused"), (nofield, "keyframe")):
+            scene_pub.publish(m)
+            n_bad += 1
+            assert wait_for(lambda: node.stats["bad_scene"] == n_bad, 10), dict(node.stats)
+            assert "scene message refused" in node.last_error and needle in node.last_error, node.last_error
+            assert node.scene is None
+
+        # the good scene
+        scene_pub.publish(good)
+        assert wait_for(lambda: node.session is not None, 20)
+        labels = scene.mask_cache.labels
+        objs_in_gt = [o for o in seq.scene.object_ids if (seq.instance[0] == o).any()]
+        # a cached object that covers a ground-truth object in keyframe 0, clicked at its centre
+        lbl = max((int(x) for x in np.unique(labels[0]) if x > 0),
+                  key=lambda x: max(((labels[0] == x) & (seq.instance[0] == o)).sum() for o in objs_in_gt))
+        p_obj, (u, v) = click_point_on_object(scene, labels, lbl, view=0)
+        assert int(labels[0, v, u]) == lbl and np.isfinite(p_obj).all()
+
+        refused("wildseg3d/negative_point", point_msg(p_obj), "prompts_refused", "needs")
+        refused("clicked_point", point_msg(p_obj, "some_robot_frame"), "prompts_refused", "some_robot_frame")
+        refused("clicked_point", point_msg([50.0, 50.0, 50.0]), "prompts_refused", "3D prompt")
+        c0 = scene.poses[0][:3, 3]
+        behind = c0 - 0.5 * scene.poses[0][:3, 2]  # half a metre behind keyframe 0
+        refused("clicked_point", point_msg(behind), "prompts_refused", "3D prompt")
+        refused("clicked_point", point_msg([float("nan"), 0, 0]), "prompts_refused", "finite")
+        refused("wildseg3d/pixel_prompt", point_msg([W + 50, 10, 0], "keyframe_0"), "prompts_refused", "outside")
+        refused("wildseg3d/pixel_prompt", point_msg([-1, 10, 0], "keyframe_1"), "prompts_refused", "outside")
+        refused("wildseg3d/pixel_prompt", point_msg([5, 5, 0], "keyframe_99"), "prompts_refused", "out of range")
+        refused("wildseg3d/pixel_prompt", point_msg([5, 5, 0], "camera"), "prompts_refused", "does not name a keyframe")
+        refused("wildseg3d/pixel_prompt_negative", point_msg([u, v, 0], "keyframe_0"), "prompts_refused", "needs")
+        assert node.stats["prompts_answered"] == 0 and node.prompt_log == []
+
+        # rate limit: 10 far-away clicks log at most one more line
+        n_lines = sum("3D prompt" in m for _, m in rec.lines)
+        n0 = node.stats["prompts_refused"]
+        for _ in range(10):
+            pubs["clicked_point"].publish(point_msg([50.0, 50.0, 50.0]))
+        assert wait_for(lambda: node.stats["prompts_refused"] == n0 + 10, 10)
+        assert sum("3D prompt" in m for _, m in rec.lines) <= n_lines + 1
+
+        # a good click still works
+        pubs["clicked_point"].publish(point_msg(p_obj))
+        assert wait_for(lambda: node.stats["prompts_answered"] == 1, 10)
+        assert wait_for(lambda: len(objs.nonempty()) >= 1, 10), [(l, len(s.points)) for l, s in node.session.results()]
+        n_pts = objs.nonempty()[-1].width
+        assert n_pts > 20
+        # a bad scene afterwards does not lose the scene or the selection
+        scene_pub.publish(bad_kf)
+        assert wait_for(lambda: node.stats["bad_scene"] == n_bad + 1, 10)
+        assert node.session is not None and len(node.prompt_log) == 1
+        assert len(node.session.results()) == 1
+        # ... and the same good scene republished (e.g. a restarted reconstruction node) keeps it too
+        scene_pub.publish(scene_msg(scene, stamp=9.0))
+        assert wait_for(lambda: node.stats["scene_republished"] == 1, 10)
+        assert len(node.prompt_log) == 1 and objs.nonempty()[-1].width == n_pts
+
+        # diagnostics: prompt latency percentiles, status keys
+        def seg_status():
+            m = diag.last()
+            sts = [s for s in (m.status if m else []) if s.name == "wildseg3d: segmentation_node"]
+            return {v.key: v.value for v in sts[0].values} if sts else None
+        assert wait_for(lambda: (seg_status() or {}).get("prompts") == "1", 5)
+        kv = seg_status()
+        for key in ("segmenter", "segmenter_status", "device", "queue", "scene", "scene_id",
+                    "prompt_latency_p50_ms", "prompt_latency_p95_ms", "last_error", "prompts_refused", "bad_scene"):
+            assert key in kv, key
+        assert float(kv["prompt_latency_p95_ms"]) >= float(kv["prompt_latency_p50_ms"]) > 0
+        assert kv["scene"].startswith(f"{V} keyframes") and kv["objects"] == "1"
+        assert int(kv["prompts_refused"]) == node.stats["prompts_refused"] >= 20
+        assert node.stats["worker_errors"] == 0
+        # ~/reset answers and clears; services keep working
+        assert call_trigger(client, "/segmentation_node/reset").success
+        assert wait_for(lambda: node.prompt_log == [] and objs.last().width == 0, 10)
+    finally:
+        ex.shutdown(timeout_sec=2.0)
+        th.join(2.0)
+        node.destroy_node()
+        client.destroy_node()
