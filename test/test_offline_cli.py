@@ -336,3 +336,53 @@ def test_rgbd_room_mcap_bag(tmp_path):
     print(f"rgbd_room segment principal std devs (m): {np.round(sv, 3)}")
     assert 0.08 < sv[2] < 0.4 and sv[0] < 0.04
     assert np.linalg.norm(pts.max(0) - pts.min(0)) < 1.2
+
+
+def test_video_sampling_and_uniform_selection(seq, tmp_path):
+    """A video (OpenCV, MJPG .avi): --every K keeps frames 0, K, 2K...; uniform selection picks
+    evenly spaced ones; without intrinsics a 60-degree field of view is assumed."""
+    from wildseg3d_ros.offline import VideoSource, guess_K, select_keyframes
+    path = tmp_path / "clip.avi"
+    wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (W, H))
+    if not wr.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG .avi")
+    frames = [seq.rgb[i % 5] for i in range(12)]
+    for f in frames:
+        wr.write(np.ascontiguousarray(f[..., ::-1]))
+    wr.release()
+    src = VideoSource(path, None, every=3)
+    assert src.count() == 4
+    got = list(src.frames())
+    assert [f.index for f in got] == [0, 3, 6, 9]
+    for f in got:  # JPEG: close to the source frame, and nearest to it among the five
+        err = [np.abs(f.rgb.astype(int) - s.astype(int)).mean() for s in seq.rgb]
+        assert int(np.argmin(err)) == f.index % 5 and min(err) < 6
+        assert abs(f.stamp - f.index / 10.0) < 1e-6
+    args = _args("--input", str(path), "--out", str(tmp_path / "o"), "--every", "3", "--max-frames", "3",
+                 "--select", "uniform", "--backend", "dust3r")
+    kfs, stats = select_keyframes(src, args)
+    assert [f.index for f in kfs] == [0, 6, 9]  # positions round(linspace(0, 3, 3)) = 0, 2, 3
+    assert stats["candidate_frames"] == 4
+    assert np.allclose(kfs[0].K, guess_K(W, H, 60.0))
+
+
+def test_dust3r_resolution_mapping_of_frames_and_clicks(seq):
+    """For the dust3r backend the keyframes are brought to the network resolution (load_images'
+    resize + crop, K adjusted) before the pipeline, and clicks follow: a click on an input pixel
+    lands on the same scene point (checked through the adjusted K with the ground-truth depth)."""
+    from wildseg3d_ros.offline import Frame, _to_network_resolution
+    big = render_sequence(2, 640, 480, seed=0)
+    frames = [Frame(i, float(i), big.rgb[i].copy(), big.K.copy(), big.depth[i].copy()) for i in range(2)]
+    maps = _to_network_resolution(frames, 512)
+    assert frames[0].rgb.shape == (384, 512, 3) and frames[0].depth is None
+    sx, sy, left, top = maps[0]
+    u, v = 400.0, 300.0
+    us, vs = (u + 0.5) * sx - 0.5 - left, (v + 0.5) * sy - 0.5 - top
+    # the same ray: pixel (u, v) through the input K and (us, vs) through the adjusted K
+    r_in = np.linalg.inv(big.K) @ [u, v, 1.0]
+    r_net = np.linalg.inv(frames[0].K) @ [us, vs, 1.0]
+    assert np.allclose(r_in / r_in[2], r_net / r_net[2], atol=1e-9)
+    assert np.abs(frames[0].rgb[int(round(vs)), int(round(us))].astype(int) - big.rgb[0][int(v), int(u)].astype(int)).max() < 40
+    frames224 = [Frame(0, 0.0, big.rgb[0].copy(), big.K.copy())]
+    _to_network_resolution(frames224, 224)
+    assert frames224[0].rgb.shape == (224, 224, 3)
