@@ -95,8 +95,8 @@ class ReconstructionPipeline:
         # per-view pre-segmentation (camera-frame pointmaps help the classical segmenter)
         t1 = time.perf_counter()
         say("segmentation", 0.25)
-        rgb = np.stack([kf.rgb for kf in kfs])
         cam_pts = self._camera_pointmaps(preds, len(kfs))
+        rgb = self._images_at_pointmap_size(kfs, cam_pts)
         local = []
         for v in range(len(kfs)):  # one cancel check per view (a view can take seconds at 640x480)
             _check_cancel(cancel)
@@ -130,9 +130,10 @@ class ReconstructionPipeline:
         scene.rgb = rgb
         scene.frame_id = frame_id
         scene.stamps = np.array([kf.stamp for kf in kfs], dtype=np.float64)
+        # metric depth: only a rigid transform to the pose priors, never a rescale to drifting odometry
+        scene.metric = scene.metric or self.backend.name == "rgbd"
         priors_all = [kf.pose_prior for kf in kfs]
         self._express_in_world(scene, priors_all if cfg.align_to_priors else [None] * len(kfs))
-        scene.metric = scene.metric or self.backend.name == "rgbd"
 
         # mask cache with global ids
         t3 = time.perf_counter()
@@ -143,6 +144,20 @@ class ReconstructionPipeline:
         t["total_s"] = time.perf_counter() - t0
         say("done", 1.0)
         return scene, t
+
+    def _images_at_pointmap_size(self, kfs, cam_pts) -> np.ndarray:
+        """Keyframe images at the pointmaps' resolution: network backends (DUSt3R) predict at
+        their input size (e.g. 512 x 384 after resize + crop); their own resized images are used
+        when they expose them (``last_rgb``), otherwise the images are resized."""
+        import cv2
+
+        shape = next(p.shape[:2] for p, _ in cam_pts if p is not None)
+        if all(kf.rgb.shape[:2] == shape for kf in kfs):
+            return np.stack([kf.rgb for kf in kfs])
+        last = getattr(self.backend, "last_rgb", None)
+        if last is not None and len(last) == len(kfs) and all(np.asarray(x).shape[:2] == shape for x in last):
+            return np.stack([np.asarray(x, np.uint8) for x in last])
+        return np.stack([cv2.resize(kf.rgb, (shape[1], shape[0]), interpolation=cv2.INTER_AREA) for kf in kfs])
 
     @staticmethod
     def _camera_pointmaps(preds: dict, n: int):

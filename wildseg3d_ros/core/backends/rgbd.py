@@ -309,8 +309,11 @@ class RgbdBackend(PointmapBackend):
                  depth_sigma: Optional[Tuple[float, float, float]] = (0.0012, 0.0019, 0.4),
                  icp_iters: int = 10, max_icp_correction: Tuple[float, float] = (5.0, 0.10),
                  use_prior_init: bool = True, fallback_to_prior: bool = True,
-                 scene_graph: str = "complete", seed: int = 0, drop_failed_pairs: bool = True):
+                 scene_graph: str = "complete", seed: int = 0, drop_failed_pairs: bool = True,
+                 check_consistency: bool = True, consistency_tol: Tuple[float, float, float] = (3.0, 0.05, 0.05)):
         self.drop_failed_pairs = bool(drop_failed_pairs)
+        self.check_consistency = bool(check_consistency)
+        self.consistency_tol = tuple(float(x) for x in consistency_tol)
         self.failed_pairs: Dict[Pair, str] = {}
         feature = str(feature).lower()
         if feature not in ("sift", "orb"):
@@ -435,7 +438,7 @@ class RgbdBackend(PointmapBackend):
         n_in = int(good.sum())
         if n_in < self.min_inliers:
             return None, nm, n_in, (f"only {n_in} of {len(inl)} PnP inliers are depth-consistent "
-                                    f"(need >= {self.min_inliers})", None)
+                                    f"(need >= {self.min_inliers})"), None
         sel = inl[good]
         rvec, tvec = cv2.solvePnPRefineLM(obj[sel], img[sel], fi.K, None, rvec, tvec)
         T[:3, :3] = cv2.Rodrigues(rvec)[0]
@@ -542,6 +545,8 @@ class RgbdBackend(PointmapBackend):
         if not self.registrations:
             raise BackendError("rgbd backend: no keyframe pair could be registered: "
                                + "; ".join(self.failed_pairs.values())[:600])
+        if self.check_consistency:
+            self._drop_inconsistent_pairs(n)
         pairs = [(i, j) for i, j in pairs if (min(i, j), max(i, j)) in self.registrations]
         self.relative_poses = {}
         E = len(pairs)
@@ -570,6 +575,48 @@ class RgbdBackend(PointmapBackend):
         }
         report(progress, 1.0, f"rgbd: {E} pairwise predictions")
         return out
+
+    def _drop_inconsistent_pairs(self, n: int) -> None:
+        """Loop-consistency check of the pair graph: chain the best-supported pairs (maximum
+        spanning tree by inlier count) into poses, and drop every other pair whose relative pose
+        disagrees with that chain by more than ``consistency_tol`` (deg, m + fraction of the
+        baseline). Wide-baseline pairs with a wrong RANSAC solution would otherwise reach the
+        aligner as confident, contradictory constraints."""
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+
+        regs = self.registrations
+        if len(regs) < 2:
+            return
+        keys = list(regs)
+        w = np.array([1.0 + regs[k].inliers for k in keys])
+        rows = np.array([k[0] for k in keys])
+        cols = np.array([k[1] for k in keys])
+        cost = csr_matrix((w.max() + 1.0 - w, (rows, cols)), shape=(n, n))
+        tree = minimum_spanning_tree(cost)
+        tree = tree + tree.T
+        root = int(rows[0])
+        order, pred = breadth_first_order(tree, root, directed=False, return_predecessors=True)
+        P = {root: np.eye(4)}
+        for v in order[1:]:
+            u = int(pred[v])
+            v = int(v)
+            T_uv = regs[(u, v)].T if (u, v) in regs else invert_pose(regs[(v, u)].T)
+            P[v] = P[u] @ T_uv
+        in_tree = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(*tree.nonzero())}
+        rot_tol, t_tol, t_rel = self.consistency_tol
+        for (i, j) in keys:
+            if (i, j) in in_tree or i not in P or j not in P:
+                continue
+            T_chain = invert_pose(P[i]) @ P[j]
+            d = invert_pose(T_chain) @ regs[(i, j)].T
+            ang = float(np.degrees(np.arccos(np.clip((np.trace(d[:3, :3]) - 1) / 2, -1, 1))))
+            dt = float(np.linalg.norm(d[:3, 3]))
+            base = float(np.linalg.norm(T_chain[:3, 3]))
+            if ang > rot_tol or dt > t_tol + t_rel * base:
+                self.failed_pairs[(i, j)] = (f"pair ({i}, {j}) disagrees with the chain of best-supported "
+                                             f"pairs by {ang:.1f} deg / {dt * 100:.1f} cm: dropped")
+                del regs[(i, j)]
 
     def registration_summary(self) -> List[dict]:
         """One dict per registered pair of the last run (for logs / benchmarks)."""
