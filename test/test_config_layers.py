@@ -68,7 +68,7 @@ def test_merged_profile_is_consistent(profile):
     for key in ("segmenter", "sam2.config", "sam2.checkpoint", "device"):
         assert rec[key] == seg[key], (profile, key)
     if rec["backend"] == "dust3r":
-        assert rec["input.require_depth"] is False and rec["dust3r.checkpoint"]
+        assert rec["dust3r.checkpoint"]
         size = rec["dust3r.image_size"]
         assert f"_{size}_" in Path(rec["dust3r.checkpoint"]).name  # checkpoint trained at that size
     if rec["segmenter"] == "sam2":
@@ -147,3 +147,15 @@ def test_bag_replay_command():
         mod.bag_play_command("")
     lay = mod._layered()
     assert callable(lay._launch_setup) and "use_sim_time" in [n for n, _, _ in lay.launch_arguments()]
+
+
+def test_default_launch_config_covers_every_parameter():
+    """config/wildseg3d.yaml (used by launch/wildseg3d.launch.py) sets every declared parameter."""
+    import yaml
+
+    from wildseg3d_ros.ros import reconstruction_node, segmentation_node
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "wildseg3d.yaml").read_text())
+    for node, mod in (("reconstruction_node", reconstruction_node), ("segmentation_node", segmentation_node)):
+        keys = set(data[node]["ros__parameters"])
+        missing = {s.name for s in mod.PARAMS} - keys
+        assert not missing, f"config/wildseg3d.yaml lacks {node} parameters {sorted(missing)}"

@@ -24,6 +24,10 @@ from ..core.geometry import pose_from_xyz_quat, rot_to_quat_xyzw
 
 #: camera streams: best effort, keep last 5 (rclpy's sensor-data profile)
 SENSOR_QOS = qos_profile_sensor_data
+#: camera streams when `input.reliable` is set: reliable, keep last 2 (large frames across processes)
+RELIABLE_CAMERA_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST,
+                                 reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.VOLATILE)
 #: latched results (scene, object clouds, poses): reliable + transient local, last message kept
 LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                          reliability=ReliabilityPolicy.RELIABLE,

@@ -63,7 +63,9 @@ PARAMS = [
     ParamSpec("input.depth_sync_tolerance_s", 0.05, "Max |t_colour - t_depth| to pair a depth image.", 0.0, 1.0),
     ParamSpec("input.pose_sync_tolerance_s", 0.1, "Max |t_image - t_pose| to use a pose message.", 0.0, 5.0),
     ParamSpec("input.max_pixels", 4096 * 3072, "Images above this pixel count are refused.", 1, 1 << 28),
-    ParamSpec("input.require_depth", True, "rgbd backend: drop colour frames with no depth partner.", ),
+    ParamSpec("input.reliable", False, "Subscribe to the camera topics with reliable QoS (keep last 2) "
+              "instead of best effort: use it when large images published from another process are "
+              "dropped by the DDS transport (fixed at start-up).", read_only=True),
     ParamSpec("keyframes.min_interval_s", 0.3, "Minimum time between keyframes (s).", 0.0, 60.0),
     ParamSpec("keyframes.min_translation_m", 0.05, "Minimum camera translation between keyframes "
               "when poses are known (m).", 0.0, 10.0),
@@ -186,15 +188,17 @@ class ReconstructionNode(Node):
         self.last_cancel_latency_s: Optional[float] = None
         self.last_saved: str = ""
         self._save_lock = threading.Lock()
+        self._static_tf = None  # tf2_ros StaticTransformBroadcaster, False when tf2_ros is missing
         self.restored = threading.Event()  # set once the start-up scene restore has finished (or was skipped)
 
         # subscriptions (callbacks only store)
+        cam_qos = convert.RELIABLE_CAMERA_QOS if p["input.reliable"] else convert.SENSOR_QOS
         if p["input.use_compressed"]:
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, convert.SENSOR_QOS)
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, cam_qos)
         else:
-            self.create_subscription(Image, "image", self._on_image, convert.SENSOR_QOS)
-        self.create_subscription(Image, "depth", self._on_depth, convert.SENSOR_QOS)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, convert.SENSOR_QOS)
+            self.create_subscription(Image, "image", self._on_image, cam_qos)
+        self.create_subscription(Image, "depth", self._on_depth, cam_qos)
+        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, cam_qos)
         self.create_subscription(Odometry, "odom", self._on_odom, 50)
         self.create_subscription(PoseStamped, "pose", self._on_pose, 50)
         self.scene_pub = self.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
@@ -400,6 +404,8 @@ class ReconstructionNode(Node):
     def _process_frame(self, msg):
         p = self.params
         stamp = convert.stamp_to_sec(msg.header.stamp)
+        if self._K is None:  # CameraInfo of the same instant may arrive just after the image
+            self._wait_for(lambda: self._K, 0.2)
         if self._K is None:
             self._refuse("no_info", "dropped_no_camera_info",
                          "no valid CameraInfo received yet: colour frame dropped", "warning")
@@ -611,6 +617,29 @@ class ReconstructionNode(Node):
         arr, h, w = corecloud.pack_scene_cloud(scene)
         self.scene_pub.publish(convert.struct_to_cloud(arr, scene.frame_id, stamp, h, w))
         self.poses_pub.publish(convert.poses_to_pose_array(scene.poses, scene.frame_id, stamp))
+        self._broadcast_keyframe_tf(scene, stamp)
+
+    def _broadcast_keyframe_tf(self, scene, stamp):
+        """Static TF scene frame -> keyframe_<i> (each keyframe's camera, OpenCV axes) when tf2_ros
+        is installed, so rviz2 shows the cameras and pixel prompts name a real frame."""
+        if self._static_tf is None:
+            try:
+                import tf2_ros
+                self._static_tf = tf2_ros.StaticTransformBroadcaster(self)
+            except ImportError:
+                self._static_tf = False
+        if not self._static_tf:
+            return
+        from geometry_msgs.msg import TransformStamped
+        tfs = []
+        for i, T in enumerate(scene.poses):
+            pose = convert.matrix_to_pose(T)
+            t = TransformStamped(header=convert.make_header(scene.frame_id, stamp), child_frame_id=f"keyframe_{i}")
+            t.transform.translation.x, t.transform.translation.y, t.transform.translation.z = (
+                pose.position.x, pose.position.y, pose.position.z)
+            t.transform.rotation = pose.orientation
+            tfs.append(t)
+        self._static_tf.sendTransform(tfs)
 
     def _publish_empty_scene(self):
         stamp = self.get_clock().now().to_msg()

@@ -286,6 +286,24 @@ class PairRegistration:
     message: str = ""
 
 
+def _connected(edges, nodes) -> bool:
+    """True when the undirected graph (nodes, edges) is connected."""
+    nodes = set(nodes)
+    if not nodes:
+        return True
+    adj = {v: set() for v in nodes}
+    for a, b in edges:
+        adj[a].add(b)
+        adj[b].add(a)
+    start = next(iter(nodes))
+    seen, stack = {start}, [start]
+    while stack:
+        for w in adj[stack.pop()] - seen:
+            seen.add(w)
+            stack.append(w)
+    return seen == nodes
+
+
 class RgbdBackend(PointmapBackend):
     """Pairwise predictions from metric depth + feature/ICP registration (see module docstring).
 
@@ -310,7 +328,7 @@ class RgbdBackend(PointmapBackend):
                  icp_iters: int = 10, max_icp_correction: Tuple[float, float] = (5.0, 0.10),
                  use_prior_init: bool = True, fallback_to_prior: bool = True,
                  scene_graph: str = "complete", seed: int = 0, drop_failed_pairs: bool = True,
-                 check_consistency: bool = True, consistency_tol: Tuple[float, float, float] = (3.0, 0.05, 0.05)):
+                 check_consistency: bool = True, consistency_tol: Tuple[float, float, float] = (2.0, 0.03, 0.03)):
         self.drop_failed_pairs = bool(drop_failed_pairs)
         self.check_consistency = bool(check_consistency)
         self.consistency_tol = tuple(float(x) for x in consistency_tol)
@@ -577,46 +595,62 @@ class RgbdBackend(PointmapBackend):
         return out
 
     def _drop_inconsistent_pairs(self, n: int) -> None:
-        """Loop-consistency check of the pair graph: chain the best-supported pairs (maximum
-        spanning tree by inlier count) into poses, and drop every other pair whose relative pose
-        disagrees with that chain by more than ``consistency_tol`` (deg, m + fraction of the
-        baseline). Wide-baseline pairs with a wrong RANSAC solution would otherwise reach the
-        aligner as confident, contradictory constraints."""
-        from scipy.sparse import csr_matrix
-        from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+        """Loop-consistency check of the pair graph by triangle voting: for every triangle
+        (i, j, k) whose three pairs are registered, the composed relative poses must close
+        (T_ij T_jk T_ki = I within ``consistency_tol``: deg, m + fraction of the loop's
+        baselines). A pair that takes part in triangles but closes none of them is dropped:
+        a wide-baseline pair with a wrong RANSAC solution would otherwise reach the aligner as
+        a confident, contradictory constraint. Pairs in no triangle cannot be checked and stay."""
+        from itertools import combinations
 
         regs = self.registrations
-        if len(regs) < 2:
-            return
-        keys = list(regs)
-        w = np.array([1.0 + regs[k].inliers for k in keys])
-        rows = np.array([k[0] for k in keys])
-        cols = np.array([k[1] for k in keys])
-        cost = csr_matrix((w.max() + 1.0 - w, (rows, cols)), shape=(n, n))
-        tree = minimum_spanning_tree(cost)
-        tree = tree + tree.T
-        root = int(rows[0])
-        order, pred = breadth_first_order(tree, root, directed=False, return_predecessors=True)
-        P = {root: np.eye(4)}
-        for v in order[1:]:
-            u = int(pred[v])
-            v = int(v)
-            T_uv = regs[(u, v)].T if (u, v) in regs else invert_pose(regs[(v, u)].T)
-            P[v] = P[u] @ T_uv
-        in_tree = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(*tree.nonzero())}
+
+        def rel(a: int, b: int) -> np.ndarray:
+            return regs[(a, b)].T if a < b else invert_pose(regs[(b, a)].T)
+
+        # 1) feature registrations that ICP refused to confirm (it wanted to move them by more than
+        #    max_icp_correction: the RANSAC pose is likely a wrong local solution) are dropped
+        #    first, as long as the pair graph stays connected without them
+        if self.icp:
+            unverified = [e for e in regs if regs[e].status == "registered" and not np.isfinite(regs[e].icp_rmse)]
+            for e in sorted(unverified, key=lambda e: regs[e].inliers):
+                rest = [k for k in regs if k != e]
+                if _connected(rest, {v for k in regs for v in k}):
+                    self.failed_pairs[e] = (f"pair {e}: ICP did not confirm the feature registration "
+                                            "(it moved beyond max_icp_correction): dropped")
+                    del regs[e]
+        # 2) triangle voting on what is left
         rot_tol, t_tol, t_rel = self.consistency_tol
-        for (i, j) in keys:
-            if (i, j) in in_tree or i not in P or j not in P:
+        nodes = sorted({v for k in regs for v in k})
+        closes = {}
+        for i, j, k in combinations(nodes, 3):
+            if not ((i, j) in regs and (j, k) in regs and (i, k) in regs):
                 continue
-            T_chain = invert_pose(P[i]) @ P[j]
-            d = invert_pose(T_chain) @ regs[(i, j)].T
-            ang = float(np.degrees(np.arccos(np.clip((np.trace(d[:3, :3]) - 1) / 2, -1, 1))))
-            dt = float(np.linalg.norm(d[:3, 3]))
-            base = float(np.linalg.norm(T_chain[:3, 3]))
-            if ang > rot_tol or dt > t_tol + t_rel * base:
-                self.failed_pairs[(i, j)] = (f"pair ({i}, {j}) disagrees with the chain of best-supported "
-                                             f"pairs by {ang:.1f} deg / {dt * 100:.1f} cm: dropped")
-                del regs[(i, j)]
+            Tij, Tjk = rel(i, j), rel(j, k)
+            loop = Tij @ Tjk @ rel(k, i)
+            ang = float(np.degrees(np.arccos(np.clip((np.trace(loop[:3, :3]) - 1) / 2, -1, 1))))
+            dt = float(np.linalg.norm(loop[:3, 3]))
+            base = float(np.linalg.norm(Tij[:3, 3]) + np.linalg.norm(Tjk[:3, 3]))
+            closes[(i, j, k)] = ang <= rot_tol and dt <= t_tol + t_rel * base
+        # greedy: drop the pair closing the smallest share of its loops until every pair that is
+        # part of a loop closes at least half of them (one wrong pair spoils its neighbours' loops
+        # too, so they are re-counted after each removal)
+        while True:
+            seen = {e: 0 for e in regs}
+            ok = {e: 0 for e in regs}
+            for (i, j, k), c in closes.items():
+                tri = ((i, j), (j, k), (i, k))
+                if all(e in regs for e in tri):
+                    for e in tri:
+                        seen[e] += 1
+                        ok[e] += int(c)
+            bad = [e for e in regs if seen[e] and ok[e] / seen[e] < 0.5]
+            if not bad:
+                break
+            worst = min(bad, key=lambda e: (ok[e] / seen[e], regs[e].inliers))
+            self.failed_pairs[worst] = (f"pair {worst} closes {ok[worst]} of the {seen[worst]} loops it is "
+                                        "part of (loop-consistency check): dropped")
+            del regs[worst]
 
     def registration_summary(self) -> List[dict]:
         """One dict per registered pair of the last run (for logs / benchmarks)."""
