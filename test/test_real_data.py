@@ -190,12 +190,13 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
     th = threading.Thread(target=ex.spin, daemon=True)
     th.start()
     player = BagPlayerNode(node_name="real_data_player")
-    rate = 3.0  # 0.17 s between frames
+    rate = 2.0  # 0.25 s between frames (leaves room for a loaded 2-core CI machine)
     try:
         res = player.play(bag, rate=rate, wait_for_subscribers_s=10.0, min_subscribers=2, topic_map=TOPIC_MAP)
         assert res["subscribers_ready"], "nodes not discovered"
         assert sum(res["published"].values()) == 3 * n + 2
-        assert res["wall_s"] == pytest.approx((stamps[-1] - stamps[0] + 0.3) / rate, abs=0.3)
+        # the player keeps the bag's timing (scaled); generous bound for scheduling on a loaded machine
+        assert res["wall_s"] == pytest.approx((stamps[-1] - stamps[0] + 0.3) / rate, abs=1.0)
         def done(nd):
             handled = sum(v for k, v in nd.stats.items() if k.startswith(("keyframe_", "dropped_", "rejected_",
                                                                            "bad_")))
