@@ -190,7 +190,7 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
     th = threading.Thread(target=ex.spin, daemon=True)
     th.start()
     player = BagPlayerNode(node_name="real_data_player")
-    rate = 2.0  # 0.25 s between frames (leaves room for a loaded 2-core CI machine)
+    rate = 1.0  # 0.5 s between frames (leaves room for a loaded 2-core CI machine)
     try:
         res = player.play(bag, rate=rate, wait_for_subscribers_s=10.0, min_subscribers=2, topic_map=TOPIC_MAP)
         assert res["subscribers_ready"], "nodes not discovered"
