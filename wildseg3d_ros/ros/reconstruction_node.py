@@ -383,6 +383,15 @@ class ReconstructionNode(Node):
             return None
         return ring[i][1]
 
+    def _pose_source_exists(self) -> bool:
+        """A pose publisher is connected (odom / pose topics) even if none has arrived yet: the
+        first frames then wait for their pose like later ones (cheap graph query)."""
+        try:
+            return self.count_publishers(self.resolve_topic_name("odom")) + \
+                self.count_publishers(self.resolve_topic_name("pose")) > 0
+        except Exception:
+            return False
+
     def _wait_for(self, find, wait_s: float):
         deadline = time.monotonic() + wait_s
         found = None
@@ -412,7 +421,7 @@ class ReconstructionNode(Node):
             return
         # depth / pose messages of the same instant may arrive just after the colour image
         pose = self._lookup_pose(stamp, msg.header.frame_id)
-        if pose is None and self._pose_ring:
+        if pose is None and (self._pose_ring or self._pose_source_exists()):
             pose = self._wait_for(lambda: self._lookup_pose(stamp, msg.header.frame_id),
                                   p["input.pose_sync_tolerance_s"])
         reason = self._buffer.cheap_reject(stamp, pose)
