@@ -8,7 +8,6 @@ the exact poses of the frames, for evaluation). All frames share a stamp per tic
 from __future__ import annotations
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import PoseArray
 from nav_msgs.msg import Odometry
 from rclpy.node import Node
@@ -88,16 +87,8 @@ class CameraSimNode(Node):
 
 
 def main(args=None):
-    rclpy.init(args=args)
-    node = CameraSimNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    from .spin import spin_node
+    spin_node(CameraSimNode, args)
 
 
 if __name__ == "__main__":

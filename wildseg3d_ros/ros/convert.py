@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import array
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from builtin_interfaces.msg import Time

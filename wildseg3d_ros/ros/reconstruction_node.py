@@ -33,7 +33,6 @@ import traceback
 from typing import Optional
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseStamped
 from nav_msgs.msg import Odometry
@@ -44,7 +43,7 @@ from std_srvs.srv import Trigger
 from ..core import cloud as corecloud
 from ..core import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
-from ..core.pipeline import PipelineCancelled, PipelineConfig, PipelineError, ReconstructionPipeline
+from ..core.pipeline import PipelineCancelled, PipelineConfig, ReconstructionPipeline
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)
@@ -742,20 +741,14 @@ class ReconstructionNode(Node):
     def destroy_node(self):
         self._stop.set()
         self._cancel.set()
+        if self._kf_thread.is_alive() and threading.current_thread() is not self._kf_thread:
+            self._kf_thread.join(timeout=2.0)
         return super().destroy_node()
 
 
 def main(args=None):
-    rclpy.init(args=args)
-    node = ReconstructionNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    from .spin import spin_node
+    spin_node(ReconstructionNode, args)
 
 
 if __name__ == "__main__":

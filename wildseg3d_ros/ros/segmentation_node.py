@@ -42,7 +42,6 @@ import traceback
 from typing import List, Optional
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
@@ -482,20 +481,14 @@ class SegmentationNode(Node):
 
     def destroy_node(self):
         self._stop.set()
+        if self._worker.is_alive() and threading.current_thread() is not self._worker:
+            self._worker.join(timeout=2.0)  # no publish on a destroyed publisher
         return super().destroy_node()
 
 
 def main(args=None):
-    rclpy.init(args=args)
-    node = SegmentationNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    from .spin import spin_node
+    spin_node(SegmentationNode, args)
 
 
 if __name__ == "__main__":
