@@ -254,9 +254,13 @@ def test_bad_camera_input_is_refused_and_the_scene_kept(ros, seq, tmp_path):
 
         # rate limiting: 6 more unsupported-encoding frames give at most one more log line
         n_lines = len(rig.logged("yuv422"))
+        t_rl = time.monotonic()
         for _ in range(6):
             rig.send(raw_image(rig.stamp(), "yuv422", H, W, W * 2, bytes(W * H * 2)), info_K=K)
-        assert len(rig.logged("yuv422")) <= n_lines + 1
+        # the throttle allows one line per 2 s period: on a loaded machine the 6 sends may span
+        # more than one period, each of which may log once more
+        periods = int((time.monotonic() - t_rl) // 2.0)
+        assert len(rig.logged("yuv422")) <= n_lines + 1 + periods
         assert node.stats["bad_image"] == 12  # 6 cases + 6 repeats
 
         # nothing lost: the same scene object, still latched for a late subscriber
