@@ -206,3 +206,13 @@ def test_dga_downweights_confident_wrong_pixels(scene):
         err = pose_errors(out[w].poses, scene.poses)
         assert err["rot_deg_max"] < 0.3 and err["center_max"] < 0.01, (w, err)
 
+
+
+def test_cancel_is_honoured_before_the_loop(pairs):
+    """A reset during matching / initialisation (the long stretch before the first iteration)
+    aborts at once: no iteration runs."""
+    calls = []
+    with pytest.raises(AlignmentCancelled, match="matching|initialisation"):
+        align_global(pairs, iterations=50, cancel=lambda: True,
+                     progress=lambda i, n, l: calls.append(i))
+    assert calls == []

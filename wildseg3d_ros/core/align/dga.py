@@ -225,6 +225,8 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     W1, W2 = [], []
     M1, M2 = [], []
     for e, (i, j) in enumerate(edges):
+        if cancel is not None and cancel():  # matching is the longest stretch before the loop
+            raise AlignmentCancelled(f"alignment cancelled while matching pair {e}/{len(edges)}")
         if weighting == "dga":
             st = match_stride or auto_stride(*shapes[i])
             m1, m2 = pair_matches(X1[e].cpu().numpy(), X2[e].cpu().numpy(),
@@ -287,6 +289,8 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     cam_c = torch.zeros(V, 3, dtype=torch.float64, device=dev)
     focal0 = np.zeros(V)
     for v in range(V):
+        if cancel is not None and cancel():
+            raise AlignmentCancelled("alignment cancelled during initialisation")
         own = [e for e in range(E) if edges[e][0] == v]
         if own:
             e = max(own, key=lambda k: scores[k])
