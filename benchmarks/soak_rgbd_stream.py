@@ -255,6 +255,12 @@ def main(argv=None):
     rss_warm = warm[0][1] if warm else None
     tail = [s[1] for s in samples[-max(1, len(samples) // 4):]]
     growth = (float(np.median(tail)) - rss_warm) / rss_warm * 100.0 if rss_warm else None
+    # steady state: median RSS of the first quarter after warm-up vs the last quarter (single
+    # samples swing by hundreds of MB depending on whether a reconstruction is running)
+    q = max(1, len(warm) // 4)
+    first_q = float(np.median([s[1] for s in warm[:q]])) if warm else None
+    last_q = float(np.median([s[1] for s in warm[-q:]])) if warm else None
+    steady = (last_q - first_q) / first_q * 100.0 if first_q else None
     rs, ss = dict(rec.stats), dict(seg.stats)
     recv = rs.get("images_received", 0)
     out = {
@@ -263,6 +269,8 @@ def main(argv=None):
         "rss_after_warmup_mb": rss_warm, "rss_max_mb": max(s[1] for s in samples),
         "rss_final_mb": round(rss_final, 1),
         "rss_growth_after_warmup_pct": round(growth, 2) if growth is not None else None,
+        "rss_first_quarter_median_mb": first_q, "rss_last_quarter_median_mb": last_q,
+        "rss_growth_steady_pct": round(steady, 2) if steady is not None else None,
         "rss_samples": samples,
         "published_frames": published[0], "achieved_publish_hz": round(published[0] / elapsed, 2),
         "publish_call_p95_ms": pct(np.array(pub_lat) * 1e3, 95),

@@ -47,6 +47,7 @@ from ..core.pipeline import PipelineCancelled, PipelineConfig, ReconstructionPip
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)
+from .memory import release_free_heap
 from .throttled_log import ThrottledLogger, throttle_key
 
 PARAMS = [
@@ -523,6 +524,13 @@ class ReconstructionNode(Node):
         self.get_logger().info(f"reconstruction cancelled ({where}){lat}; its result is discarded")
 
     def _run_job(self, kfs, gen, cancel: threading.Event, why: str, previous: Optional[threading.Thread] = None):
+        try:
+            self._run_job_inner(kfs, gen, cancel, why, previous)
+        finally:
+            release_free_heap()  # a reconstruction allocates GBs in worker threads: give them back
+
+    def _run_job_inner(self, kfs, gen, cancel: threading.Event, why: str,
+                       previous: Optional[threading.Thread] = None):
         if previous is not None:  # a cancelled job still running: the pipeline objects are not shared
             while previous.is_alive() and not cancel.is_set() and not self._stop.is_set():
                 previous.join(0.1)

@@ -54,6 +54,7 @@ from ..core import store
 from ..core.scene_codec import SceneDecodeError, scene_from_cloud_array
 from . import convert
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
+from .memory import release_free_heap
 from .throttled_log import ThrottledLogger, throttle_key
 
 PARAMS = [
@@ -181,6 +182,7 @@ class SegmentationNode(Node):
             try:
                 if item[0] == "scene":
                     self._load_scene(item[2])
+                    release_free_heap()  # the previous scene's arrays were just dropped
                 elif item[0] == "reset":
                     self._do_reset()
                 elif item[0] == "resegment":
