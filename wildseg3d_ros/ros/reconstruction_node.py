@@ -48,7 +48,8 @@ from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)
 from .memory import release_free_heap
-from .throttled_log import ThrottledLogger, throttle_key
+from .node_common import NodeCommonMixin
+from .throttled_log import ThrottledLogger
 
 PARAMS = [
     ParamSpec("world_frame", "map", "Frame of the published scene when camera poses are known "
@@ -144,7 +145,7 @@ def _percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if v else float("nan")
 
 
-class ReconstructionNode(Node):
+class ReconstructionNode(NodeCommonMixin, Node):
     def __init__(self, **kwargs):
         super().__init__("reconstruction_node", **kwargs)
         self.log = ThrottledLogger(self.get_logger())
@@ -206,7 +207,7 @@ class ReconstructionNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reconstruct", self._srv_reconstruct)
         self.create_service(Trigger, "~/reset", self._srv_reset)
-        self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+        self._start_diagnostics_timer(p["diagnostics_period_s"])
 
         self._tf_buffer = None
         if p["use_tf"]:
@@ -239,16 +240,9 @@ class ReconstructionNode(Node):
         if any(k.startswith("keyframes.") for k in changed):
             self._buffer.policy = self._policy().validate()  # already checked by _validate_combination
         if "diagnostics_period_s" in changed:
-            self._diag_timer.cancel()
-            self.destroy_timer(self._diag_timer)
-            self._diag_timer = self.create_timer(changed["diagnostics_period_s"], self._publish_diagnostics)
+            self._start_diagnostics_timer(changed["diagnostics_period_s"])
         # models are rebuilt lazily at the next reconstruction when their parameters changed
 
-    def _refuse(self, key: str, counter: str, msg: str, level: str = "error"):
-        """One refused input: count it, remember it as the last error, log it rate-limited."""
-        self.stats[counter] += 1
-        self.last_error = msg
-        getattr(self.log, level)(throttle_key(key, msg), msg)
 
     def _pipeline_config(self) -> PipelineConfig:
         p = self.params

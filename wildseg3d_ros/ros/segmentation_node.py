@@ -55,7 +55,8 @@ from ..core.scene_codec import SceneDecodeError, scene_from_cloud_array
 from . import convert
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
 from .memory import release_free_heap
-from .throttled_log import ThrottledLogger, throttle_key
+from .node_common import NodeCommonMixin
+from .throttled_log import ThrottledLogger
 
 PARAMS = [
     ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks.",
@@ -94,7 +95,9 @@ def _percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if v else float("nan")
 
 
-class SegmentationNode(Node):
+class SegmentationNode(NodeCommonMixin, Node):
+    REFUSE_LEVEL = "warning"  # a bad prompt is the operator's, not the node's, fault
+
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
         self.log = ThrottledLogger(self.get_logger())
@@ -135,7 +138,7 @@ class SegmentationNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reset", self._srv_reset)
         self.create_service(Trigger, "~/resegment", self._srv_resegment)
-        self._diag_timer = self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
+        self._start_diagnostics_timer(self.params["diagnostics_period_s"])
         self._tf_buffer = None
         try:
             import tf2_ros
@@ -149,14 +152,8 @@ class SegmentationNode(Node):
 
     def _on_params_changed(self, changed):
         if "diagnostics_period_s" in changed:
-            self._diag_timer.cancel()
-            self.destroy_timer(self._diag_timer)
-            self._diag_timer = self.create_timer(changed["diagnostics_period_s"], self._publish_diagnostics)
+            self._start_diagnostics_timer(changed["diagnostics_period_s"])
 
-    def _refuse(self, key: str, counter: str, msg: str, level: str = "warning"):
-        self.stats[counter] += 1
-        self.last_error = msg
-        getattr(self.log, level)(throttle_key(key, msg), msg)
 
     # ------------------------------------------------------------------ callbacks (enqueue only)
     def _on_scene(self, msg: PointCloud2):
