@@ -224,7 +224,8 @@ def test_bag_player_timing_content_and_topic_map(ros, tmp_path, seq, mode):
         res = player.play(wait_for_subscribers_s=10.0)
         assert res["subscribers_ready"] and res["skipped"] == ["/camera/pose"]
         assert res["published"] == {"/cam/rgb": 3, "/cam/depth": 3, "/camera/camera_info": 3}
-        assert res["wall_s"] == pytest.approx(0.4, abs=0.15) and res["max_late_s"] < 0.05
+        # the bag's timing is kept (0.4 s at rate 2), with room for a loaded 2-core CI machine
+        assert res["wall_s"] == pytest.approx(0.4, abs=0.25) and res["max_late_s"] < 0.15
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and len(got["img"]) < 3:
             time.sleep(0.02)
