@@ -178,7 +178,7 @@ def test_sigkill_mid_reconstruction_then_restore_bit_identical(ros, tmp_path):
         assert wait_for(lambda: len(objs.nonempty()) > n_objs, 60), "segmentation not restored"
         obj2 = objs.nonempty()[-1]
         assert obj2.width == obj1.width and bytes(obj2.data) == bytes(obj1.data)
-        assert wait_for(lambda: _diag_value(diag, "segmentation_node", "sessions_restored") == "1", 10)
+        assert wait_for(lambda: int(_diag_value(diag, "segmentation_node", "sessions_restored") or 0) >= 1, 20)
     finally:
         for p in procs:
             stop_process(p)

@@ -444,8 +444,12 @@ class ReconstructionNode(NodeCommonMixin, Node):
             return
         depth = None
         if p["backend"] == "rgbd":
-            dmsg = self._find_depth(stamp) or self._wait_for(lambda: self._find_depth(stamp),
-                                                             p["input.depth_sync_tolerance_s"] + 0.05)
+            # approximate-time pairing: until a depth stamped at or after the image has arrived, a
+            # nearer partner may still be in flight, so wait for it (bounded) before choosing
+            if not any(t >= stamp for t, _ in list(self._depth_ring)):
+                self._wait_for(lambda: True if any(t >= stamp for t, _ in list(self._depth_ring)) else None,
+                               p["input.depth_sync_tolerance_s"] + 0.05)
+            dmsg = self._find_depth(stamp)
             if dmsg is None:
                 self._refuse("no_depth", "dropped_no_depth", f"no depth image within "
                              f"{p['input.depth_sync_tolerance_s']} s of the colour frame at t={stamp:.3f}: "
