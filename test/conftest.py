@@ -17,3 +17,10 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 if "WILDSEG3D_TEST_KEEP_DOMAIN" not in os.environ:
     os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+# Nodes save scenes under ~/.ros/wildseg3d by default and ROS logs go to ~/.ros/log: give the
+# test session (and the node processes it starts) a home of its own instead of the user's.
+if "WILDSEG3D_TEST_KEEP_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["HOME"] = tempfile.mkdtemp(prefix="wildseg3d-test-home-")
