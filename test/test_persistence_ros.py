@@ -64,12 +64,14 @@ def ros():
 
 
 def _diag_value(col, node_name, key):
-    m = col.last()
-    if m is None:
-        return None
-    for st in m.status:
-        if st.name == f"wildseg3d: {node_name}":
-            return {v.key: v.value for v in st.values}.get(key)
+    """``key`` from the newest /diagnostics status of ``node_name`` (both nodes publish on the
+    topic at different rates, so the newest message overall may be the other node's)."""
+    with col._lock:
+        msgs = [m for _, m in col.msgs[-50:]]
+    for m in reversed(msgs):
+        for st in m.status:
+            if st.name == f"wildseg3d: {node_name}":
+                return {v.key: v.value for v in st.values}.get(key)
     return None
 
 
