@@ -33,7 +33,7 @@ import traceback
 from typing import Optional
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray, PoseStamped
 from nav_msgs.msg import Odometry
 from rclpy.node import Node
@@ -146,6 +146,8 @@ def _percentile(values, q: float) -> float:
 
 
 class ReconstructionNode(NodeCommonMixin, Node):
+    DIAG_NAME = "reconstruction_node"
+
     def __init__(self, **kwargs):
         super().__init__("reconstruction_node", **kwargs)
         self.log = ThrottledLogger(self.get_logger())
@@ -728,21 +730,13 @@ class ReconstructionNode(NodeCommonMixin, Node):
                    for k, v in lr.items()})
         return kv
 
-    def _publish_diagnostics(self):
-        try:
-            st = DiagnosticStatus(name="wildseg3d: reconstruction_node", hardware_id=self.params["device"])
-            running = self.reconstruction_running()
-            if self._pipeline_error:
-                st.level, st.message = DiagnosticStatus.ERROR, self._pipeline_error[:200]
-            elif self.last_error:
-                st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
-            else:
-                st.level, st.message = DiagnosticStatus.OK, "reconstructing" if running else "ok"
-            st.values = [KeyValue(key=k, value=v) for k, v in self.diagnostics_values().items()]
-            self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
-                                                  status=[st]))
-        except Exception as e:  # diagnostics must never take the node down
-            self.log.error("diagnostics", f"diagnostics failed: {e}")
+    def _diagnostic_state(self):
+        """(level, message) of this node's /diagnostics status."""
+        if self._pipeline_error:
+            return DiagnosticStatus.ERROR, self._pipeline_error
+        if self.last_error:
+            return DiagnosticStatus.WARN, self.last_error
+        return DiagnosticStatus.OK, "reconstructing" if self.reconstruction_running() else "ok"
 
     def destroy_node(self):
         self._stop.set()

@@ -42,7 +42,7 @@ import traceback
 from typing import List, Optional
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
@@ -97,6 +97,7 @@ def _percentile(values, q: float) -> float:
 
 class SegmentationNode(NodeCommonMixin, Node):
     REFUSE_LEVEL = "warning"  # a bad prompt is the operator's, not the node's, fault
+    DIAG_NAME = "segmentation_node"
 
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
@@ -462,21 +463,13 @@ class SegmentationNode(NodeCommonMixin, Node):
         kv.update({k: str(v) for k, v in sorted(self.stats.items())})
         return kv
 
-    def _publish_diagnostics(self):
-        try:
-            st = DiagnosticStatus(name="wildseg3d: segmentation_node", hardware_id=self.params["device"])
-            if self._segmenter_error:
-                st.level, st.message = DiagnosticStatus.WARN, self._segmenter_error[:200]
-            elif self.last_error:
-                st.level, st.message = DiagnosticStatus.WARN, self.last_error[:200]
-            else:
-                st.level, st.message = DiagnosticStatus.OK, ("scene loaded" if self.scene is not None
-                                                             else "waiting for a scene")
-            st.values = [KeyValue(key=k, value=v) for k, v in self.diagnostics_values().items()]
-            self.diag_pub.publish(DiagnosticArray(header=convert.make_header("", self.get_clock().now().to_msg()),
-                                                  status=[st]))
-        except Exception as e:  # diagnostics must never take the node down
-            self.log.error("diagnostics", f"diagnostics failed: {e}")
+    def _diagnostic_state(self):
+        """(level, message) of this node's /diagnostics status."""
+        if self._segmenter_error:
+            return DiagnosticStatus.WARN, self._segmenter_error
+        if self.last_error:
+            return DiagnosticStatus.WARN, self.last_error
+        return DiagnosticStatus.OK, "scene loaded" if self.scene is not None else "waiting for a scene"
 
     def destroy_node(self):
         self._stop.set()
