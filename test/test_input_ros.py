@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from ros_harness import wait_for as _harness_wait_for
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -28,12 +29,7 @@ PROCESSED_PREFIXES = ("keyframe_", "dropped_", "rejected_", "bad_", "frame_error
 
 
 def wait_for(pred, timeout, period=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(period)
-    return bool(pred())
+    return _harness_wait_for(pred, timeout, period)
 
 
 def processed(node) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_harness import wait_for as _harness_wait_for
 import torch
 
 from wildseg3d_ros.core import bags
@@ -114,12 +115,7 @@ def ros():
 
 
 def _wait(pred, timeout, period=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(period)
-    return bool(pred())
+    return _harness_wait_for(pred, timeout, period)
 
 
 def _make_node(backend, compressed, namespace=None):
