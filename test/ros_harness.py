@@ -21,6 +21,30 @@ def wait_for(pred: Callable[[], bool], timeout: float, period: float = 0.05) -> 
     return bool(pred())
 
 
+class SpinThread(threading.Thread):
+    """Spin an executor in a daemon thread until ``stop()``.
+
+    ``stop()`` ends the spin loop first, joins the thread, and only then shuts the executor down:
+    shutting an executor down while another thread is inside ``spin()`` races with its guard
+    conditions (rclpy raises InvalidHandle in the spinning thread)."""
+
+    def __init__(self, executor, period: float = 0.05):
+        super().__init__(daemon=True, name="test_spin")
+        self.executor = executor
+        self.period = period
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self._halt.is_set():
+            self.executor.spin_once(timeout_sec=self.period)
+
+    def stop(self, timeout: float = 5.0):
+        self._halt.set()
+        self.join(timeout)
+        self.executor.shutdown(timeout_sec=2.0)
+
+
 @contextmanager
 def spinning(nodes: List):
     """Spin every node on its own single-threaded executor in a daemon thread."""
@@ -30,15 +54,12 @@ def spinning(nodes: List):
     for n in nodes:
         ex = SingleThreadedExecutor()
         ex.add_node(n)
-        th = threading.Thread(target=ex.spin, daemon=True)
-        th.start()
-        runs.append((ex, th))
+        runs.append(SpinThread(ex))
     try:
         yield
     finally:
-        for ex, th in runs:
-            ex.shutdown(timeout_sec=2.0)
-            th.join(timeout=2.0)
+        for th in runs:
+            th.stop()
 
 
 def call_trigger(node, name: str, timeout: float = 10.0):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from ros_harness import wait_for as _harness_wait_for
+from ros_harness import SpinThread, wait_for as _harness_wait_for
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -76,8 +76,7 @@ class Rig:
         self.ex = MultiThreadedExecutor(num_threads=2)
         self.ex.add_node(self.node)
         self.ex.add_node(self.pubnode)
-        self.th = threading.Thread(target=self.ex.spin, daemon=True)
-        self.th.start()
+        self.th = SpinThread(self.ex)
         assert wait_for(lambda: all(p.get_subscription_count() > 0 for p in self.pub.values()), 10.0), \
             "the node's subscriptions were not discovered within 10 s"
 
@@ -104,8 +103,7 @@ class Rig:
         return {k: v - before.get(k, 0) for k, v in self.node.stats.items() if v != before.get(k, 0)}
 
     def close(self):
-        self.ex.shutdown(timeout_sec=2.0)
-        self.th.join(2.0)
+        self.th.stop()
         self.node.destroy_node()
         self.pubnode.destroy_node()
 

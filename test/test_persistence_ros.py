@@ -35,7 +35,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from ros_harness import Collector, call_trigger, click_point_on_object, start_process, stop_process, wait_for  # noqa: E402,E501
+from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, start_process, stop_process, wait_for  # noqa: E402,E501
 from wildseg3d_ros.core import store  # noqa: E402
 from wildseg3d_ros.core.scene_codec import scene_from_cloud_array  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
@@ -105,8 +105,7 @@ def test_sigkill_mid_reconstruction_then_restore_bit_identical(ros, tmp_path):
     diag = Collector(client, DiagnosticArray, "/diagnostics", 20)
     ex = SingleThreadedExecutor()
     ex.add_node(client)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    th = SpinThread(ex)
     try:
         rec = start(rec_args + ["-p", "load_last_scene:=true"], "rec1.log")
         seg = start(seg_args, "seg1.log")
@@ -184,8 +183,7 @@ def test_sigkill_mid_reconstruction_then_restore_bit_identical(ros, tmp_path):
     finally:
         for p in procs:
             stop_process(p)
-        ex.shutdown(timeout_sec=2.0)
-        th.join(2.0)
+        th.stop()
         client.destroy_node()
 
 
@@ -207,8 +205,7 @@ def test_corrupt_or_foreign_saved_files_are_refused_node_stays_up(ros, tmp_path)
     ex = SingleThreadedExecutor()
     for n in (node, seg, client):
         ex.add_node(n)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    th = SpinThread(ex)
     try:
         assert node.restored.wait(20)
         assert node.stats["load_errors"] == 1 and node._scene is None
@@ -235,8 +232,7 @@ def test_corrupt_or_foreign_saved_files_are_refused_node_stays_up(ros, tmp_path)
         assert "saved session refused" in seg.last_error and seg.session is not None
         del scene_pub
     finally:
-        ex.shutdown(timeout_sec=2.0)
-        th.join(2.0)
+        th.stop()
         for n in (node, seg, client):
             n.destroy_node()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_harness import wait_for as _harness_wait_for
+from ros_harness import SpinThread, wait_for as _harness_wait_for
 import torch
 
 from wildseg3d_ros.core import bags
@@ -187,16 +187,20 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
     ex = MultiThreadedExecutor(num_threads=3)
     for nd in (node_a, node_b):
         ex.add_node(nd)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    th = SpinThread(ex)
     player = BagPlayerNode(node_name="real_data_player")
     rate = 1.0  # 0.5 s between frames (leaves room for a loaded 2-core CI machine)
     try:
         res = player.play(bag, rate=rate, wait_for_subscribers_s=10.0, min_subscribers=2, topic_map=TOPIC_MAP)
         assert res["subscribers_ready"], "nodes not discovered"
         assert sum(res["published"].values()) == 3 * n + 2
-        # the player keeps the bag's timing (scaled); generous bound for scheduling on a loaded machine
-        assert res["wall_s"] == pytest.approx((stamps[-1] - stamps[0] + 0.3) / rate, abs=1.0)
+        # the player keeps the bag's timing (scaled): it never runs ahead of the schedule, and it ends
+        # late only by what it reports as its worst delay (the schedule is absolute, so one late
+        # message on a loaded 2-core machine does not delay the rest). Its exact timing is checked
+        # in test_bags on an idle process; here two nodes share the process (GIL) with it.
+        span = (stamps[-1] - stamps[0] + 0.3) / rate
+        assert span - 0.05 <= res["wall_s"] <= span + res["max_late_s"] + 1.0, res
+        assert res["max_late_s"] < 5.0, res
         def done(nd):
             handled = sum(v for k, v in nd.stats.items() if k.startswith(("keyframe_", "dropped_", "rejected_",
                                                                            "bad_")))
@@ -249,8 +253,7 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
               f"frame p50/p95 {np.percentile(times_a, 50) * 1e3:.1f}/{pa * 1e3:.1f} ms; "
               f"node B stats {dict(sb)} frame p95 {pb * 1e3:.1f} ms")
     finally:
-        ex.shutdown(timeout_sec=2.0)
-        th.join(2.0)
+        th.stop()
         player.destroy_node()
         node_a.destroy_node()
         node_b.destroy_node()

@@ -28,7 +28,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros_harness import Collector, call_trigger, wait_for  # noqa: E402
+from ros_harness import Collector, SpinThread, call_trigger, wait_for  # noqa: E402
 from wildseg3d_ros.core import image_codec  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
@@ -108,8 +108,7 @@ class Rig:
         self.ex = MultiThreadedExecutor(num_threads=3)
         self.ex.add_node(self.node)
         self.ex.add_node(self.client)
-        self.th = threading.Thread(target=self.ex.spin, daemon=True)
-        self.th.start()
+        self.th = SpinThread(self.ex)
         assert wait_for(lambda: all(p.get_subscription_count() > 0 for p in self.pub.values()), 10.0)
         self.t = 1000.0
 
@@ -151,8 +150,7 @@ class Rig:
         return [m for _, m in self.rec.lines if needle in m]
 
     def close(self):
-        self.ex.shutdown(timeout_sec=2.0)
-        self.th.join(2.0)
+        self.th.stop()
         self.node.destroy_node()
         self.client.destroy_node()
 

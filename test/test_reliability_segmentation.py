@@ -21,7 +21,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
-from ros_harness import Collector, call_trigger, click_point_on_object, wait_for  # noqa: E402
+from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, wait_for  # noqa: E402
 from test_reliability_reconstruction import RecordingLogger  # noqa: E402
 from wildseg3d_ros.core import cloud as corecloud  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
@@ -82,8 +82,7 @@ def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
     ex = MultiThreadedExecutor(num_threads=3)
     ex.add_node(node)
     ex.add_node(client)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    th = SpinThread(ex)
     try:
         assert wait_for(lambda: all(p.get_subscription_count() > 0 for p in pubs.values())
                         and scene_pub.get_subscription_count() > 0, 10)
@@ -184,7 +183,6 @@ def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
         assert call_trigger(client, "/segmentation_node/reset").success
         assert wait_for(lambda: node.prompt_log == [] and objs.last().width == 0, 10)
     finally:
-        ex.shutdown(timeout_sec=2.0)
-        th.join(2.0)
+        th.stop()
         node.destroy_node()
         client.destroy_node()
