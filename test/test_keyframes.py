@@ -1,6 +1,5 @@
 """Tests for wildseg3d_ros.core.keyframes (selection policy + bounded buffer)."""
 import threading
-import time
 
 import cv2
 import numpy as np
@@ -218,10 +217,10 @@ def test_cheap_reject_is_pure_and_matches_offer():
     assert b.cheap_reject(2.0) is None  # no pose: decided later by image flow
     assert b.cheap_reject("x") == "invalid_timestamp"
     assert len(b) == 1 and b.stats().get("too_soon") is None  # nothing recorded
-    t0 = time.perf_counter()
-    for i in range(1000):
-        b.cheap_reject(3.0 + i, pose(x=0.01))
-    assert (time.perf_counter() - t0) / 1000 < 1e-3
+    before = (b.stats(), b.stamps())
+    for i in range(50):  # pure: asking never changes the buffer (its speed: benchmarks/bench_image_callback.py)
+        assert b.cheap_reject(3.0 + i, pose(x=0.01)) == "too_little_motion"
+    assert (b.stats(), b.stamps()) == before
 
 
 def test_invalid_inputs_rejected_with_reason():

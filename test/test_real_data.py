@@ -241,10 +241,9 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
         assert sb["dropped_no_depth"] + sb["images_superseded"] + sum(
             v for k, v in sb.items() if k.startswith("rejected_")) == n, dict(sb)
         assert sb["dropped_no_depth"] >= 1
-        # --- timing: per-frame processing (PNG/JPEG decode, flow, pose wait) stays well below the
-        # 0.5 s replay period, with room for a loaded 2-core machine
+        # --- timing is reported, not asserted (speed: benchmarks/bench_image_callback.py); that the
+        # keyframe thread keeps up with the 0.5 s period is asserted above (superseded frames <= 2)
         pa, pb = np.percentile(times_a, 95), np.percentile(times_b, 95)
-        assert pa < 0.25, pa
         if not HAVE_DUST3R:  # the dust3r pipeline cannot be built: reported, node keeps running
             assert _wait(lambda: node_a._pipeline_error is not None, 10.0)
             assert "dust3r" in node_a._pipeline_error
