@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from wildseg3d_ros.core.segment.base import Segmenter, SegmenterError, make_segmenter
-from wildseg3d_ros.core.segment.classical import ClassicalSegmenter, geometric_edges
+from wildseg3d_ros.core.segment.classical import ClassicalSegmenter, geometric_edges, merge_average_linkage
 
 synthetic = pytest.importorskip("wildseg3d_ros.core.synthetic")
 geometry = pytest.importorskip("wildseg3d_ros.core.geometry")
@@ -131,4 +131,24 @@ def test_refine_and_masks_without_geometry(view):
         m = inst == g
         ious.append(_iou(seg.refine(rgb, _centre_click(m), None), m))
     print("\ncolour-only click IoUs", np.round(ious, 3))
-    assert np.median(ious) > 0.6
+    # measured 0.869-0.995, median 0.984 (single-linkage colour merging before: median 0.863, min 0.637)
+    assert np.median(ious) > 0.9 and min(ious) > 0.75
+
+
+def test_average_linkage_resists_chaining():
+    """A chain of atoms 0-5-10-15-20 (each 5 from its neighbour, threshold 6): single linkage
+    would join all five; average linkage joins 0+5 (mean 2.5, then 7.5 from 10), 10+15, and
+    leaves 20 alone (7.5 from the 12.5 mean)."""
+    n = 5
+    ea, eb = np.arange(4), np.arange(1, 5)
+    feat = np.arange(0, 25, 5, dtype=float)[:, None]
+    r = merge_average_linkage(n, ea, eb, np.ones(n), feat, 6.0)
+    assert r[0] == r[1] and r[2] == r[3] and len({r[0], r[2], r[4]}) == 3
+    # equal colours that are not adjacent stay apart; a big region's mean barely moves when a
+    # small similar neighbour joins it
+    r = merge_average_linkage(3, np.array([0, 1]), np.array([1, 2]), np.ones(3),
+                              np.array([[0.0], [100.0], [0.0]]), 6.0)
+    assert len(set(r.tolist())) == 3
+    r = merge_average_linkage(3, np.array([0, 1]), np.array([1, 2]), np.array([1000.0, 1.0, 1.0]),
+                              np.array([[0.0], [5.0], [10.0]]), 6.0)
+    assert r[0] == r[1] and r[2] != r[0]  # 0+5 -> mean 0.005; 10 is then 9.995 away

@@ -87,14 +87,22 @@ def flood_fill(rgb: np.ndarray, uv, tol: int = 20) -> np.ndarray:
     return ff[1:-1, 1:-1] > 0
 
 
+def segmenter_single_linkage():
+    """The ablation baseline: the classical segmenter with single-linkage colour merging (the
+    union of close atom pairs, as the geometric path merges), at its former colour threshold."""
+    from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
+    return ClassicalSegmenter(color_linkage="single", color_thresh_nogeo=8.0)
+
+
 def temple_results(segmenter=None):
     """Per view: dict(name, click, gt_frac, iou, precision, recall, seconds, flood_iou,
-    auto_iou, whole_iou, bbox_click_in_gt)."""
+    single_linkage_iou, auto_iou, whole_iou, bbox_click_in_gt)."""
     from wildseg3d_ros.core import bags
     from wildseg3d_ros.core.segment.base import make_segmenter
 
     d = bags.load_middlebury_temple()
     seg = segmenter if segmenter is not None else make_segmenter("classical")
+    single = segmenter_single_linkage()
     out = []
     for v, im in enumerate(d.rgb):
         gt = temple_pseudo_gt(im)
@@ -104,18 +112,19 @@ def temple_results(segmenter=None):
         dt = time.perf_counter() - t0
         auto = seg.automatic_masks(im)
         a_id = auto[int(uv[1]), int(uv[0])]
+        m_single = np.asarray(single.refine(im, np.array([uv]), np.zeros((0, 2))), bool)
         bu, bv = bbox_centre_click(d.K, d.poses[v])
         out.append(dict(name=d.names[v], click=uv, gt_frac=float(gt.mean()), iou=iou(m, gt),
                         precision=precision(m, gt), recall=float((m & gt).sum() / gt.sum()),
                         mask_frac=float(m.mean()), seconds=dt,
-                        flood_iou=iou(flood_fill(im, uv), gt),
+                        flood_iou=iou(flood_fill(im, uv), gt), single_linkage_iou=iou(m_single, gt),
                         auto_iou=iou(auto == a_id, gt) if a_id > 0 else 0.0,
                         whole_iou=iou(np.ones_like(gt), gt),
                         bbox_click_in_gt=bool(gt[int(round(bv)), int(round(bu))])))
     return out
 
 
-def temple_check(ious, precs, min_mean_iou=0.22, min_median_prec=0.9):
+def temple_check(ious, precs, min_mean_iou=0.85, min_median_prec=0.9):
     """The acceptance rule used below (also applied to wrong masks in the sanity test)."""
     return float(np.mean(ious)) >= min_mean_iou and float(np.median(precs)) >= min_median_prec
 
@@ -221,25 +230,26 @@ def temple():
 
 @needs_shared
 def test_temple_one_click_iou(temple):
-    """Measured (classical, one interior click per view): IoU 0.12-0.47, mean 0.27; precision
-    >= 0.96 in 15/16 views (0.17 in templeSR0002, where the mask leaks into the
-    background); recall 0.15-0.47.  The segmenter has no depth here, merges the temple with the
-    black background through its shadowed side (one segment over 97-99 % of the image in most
-    views, so it is declared background) and the click then only grows its own superpixel a few
-    steps: the mask is a clean but PARTIAL piece of the temple.
-    Thresholds: mean IoU >= 0.22 (below the measured 0.27 for noise in superpixels, above 0 for
-    an empty mask) AND median precision >= 0.9 (the whole image scores 0.18-0.28; the
-    colour flood-fill baseline leaks to the whole image too)."""
+    """Measured (classical, one interior click per view, colour only): IoU 0.85-0.95, mean 0.918;
+    precision 0.92-1.00 (median 0.949); mask 16-26 % of the image for a temple covering 18-28 %.
+    Colour-only regions merge by average linkage (a region's mean colour must stay close), so
+    the temple's shaded rim no longer chains it to the black background; the background is the
+    large segment along the image border.  Before (single-linkage colour merging): IoU 0.12-0.47,
+    mean 0.27, one segment over 97-99 % of the image declared background.
+    Thresholds: mean IoU >= 0.85 (measured 0.918) AND median precision >= 0.9 (the whole image
+    scores IoU 0.18-0.28; the colour flood-fill baseline leaks to the whole image too)."""
     ious = [r["iou"] for r in temple]
     precs = [r["precision"] for r in temple]
     print("\ntemple IoU per view", np.round(ious, 3).tolist(), "mean %.3f" % np.mean(ious),
           "precision", np.round(precs, 3).tolist(),
           "flood-fill IoU mean %.3f" % np.mean([r["flood_iou"] for r in temple]),
+          "single-linkage IoU mean %.3f" % np.mean([r["single_linkage_iou"] for r in temple]),
           "whole-image IoU mean %.3f" % np.mean([r["whole_iou"] for r in temple]))
     assert len(temple) == 16
     assert temple_check(ious, precs), (np.mean(ious), np.median(precs))
-    # better than the trivial whole-image mask on average, and the mask is never empty
+    # better than the trivial whole-image mask and the single-linkage ablation, never empty
     assert np.mean(ious) > np.mean([r["whole_iou"] for r in temple])
+    assert np.mean(ious) > np.mean([r["single_linkage_iou"] for r in temple]) + 0.3
     assert min(r["mask_frac"] for r in temple) > 0.002
 
 
@@ -260,11 +270,14 @@ def test_temple_check_rejects_wrong_masks(temple):
 
 
 @needs_shared
-@pytest.mark.xfail(strict=True, reason="known limitation (see test_temple_one_click_iou): without "
-                   "depth, the classical segmenter returns only a piece of the temple for one click "
-                   "(mean IoU ~0.27); the paper-level target of a whole-object mask is not met")
 def test_temple_one_click_whole_object(temple):
-    assert np.mean([r["iou"] for r in temple]) >= 0.6
+    """One click gives the WHOLE temple in every view, not a piece of it: IoU >= 0.75 and recall
+    >= 0.85 in each of the 16 views (measured: IoU >= 0.849, recall >= 0.86)."""
+    ious = np.array([r["iou"] for r in temple])
+    recalls = np.array([r["recall"] for r in temple])
+    print("\ntemple recall per view", np.round(recalls, 3).tolist())
+    assert ious.min() >= 0.75, ious
+    assert recalls.min() >= 0.85, recalls
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ..scene import MaskCache
 from .base import Segmenter, SegmenterError, as_uv, check_cancel, report
 from .mask_cache import associate_masks_3d, make_mask_cache, relabel_consecutive
 
-__all__ = ["ClassicalSegmenter", "pointmap_normals", "geometric_edges", "detect_planes"]
+__all__ = ["ClassicalSegmenter", "pointmap_normals", "geometric_edges", "detect_planes", "merge_average_linkage"]
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -266,6 +266,64 @@ class _UF:
         return np.array([self.find(i) for i in range(self.p.size)], np.int64)
 
 
+def merge_average_linkage(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarray,
+                          feat: np.ndarray, thresh: float) -> np.ndarray:
+    """Region merging by average linkage on a region adjacency graph.
+
+    Repeatedly merges the adjacent pair of regions whose size-weighted mean features are
+    closest, updating the means, until the closest pair is at least ``thresh`` apart.  Unlike
+    single linkage (a union of every atom pair closer than the threshold), a chain of similar
+    neighbours cannot join two regions whose means differ, e.g. a bright object and its dark
+    background through the shaded atoms of its rim.  ``ea``/``eb``: the adjacent atom pairs;
+    ``size``: atom areas; ``feat``: (n, F) atom mean features.  Returns each atom's region root.
+    The loop runs over region merges (hundreds per image), never over pixels."""
+    import heapq
+
+    tot = np.asarray(feat, np.float64) * np.asarray(size, np.float64)[:, None]
+    cnt = np.asarray(size, np.float64).copy()
+    parent = np.arange(n)
+    version = np.zeros(n, np.int64)
+    nbrs = [set() for _ in range(n)]
+    for a, b in zip(np.asarray(ea).tolist(), np.asarray(eb).tolist()):
+        if a != b:
+            nbrs[a].add(b)
+            nbrs[b].add(a)
+
+    def dist(a, b):
+        return float(np.linalg.norm(tot[a] / cnt[a] - tot[b] / cnt[b]))
+
+    ea_u, eb_u = np.asarray(ea), np.asarray(eb)
+    d0 = np.linalg.norm(tot[ea_u] / cnt[ea_u, None] - tot[eb_u] / cnt[eb_u, None], axis=1)
+    heap = [(float(d), int(a), int(b), 0, 0) for d, a, b in zip(d0, ea_u, eb_u) if d < thresh and a != b]
+    heapq.heapify(heap)
+    while heap:
+        d, a, b, va, vb = heapq.heappop(heap)
+        if version[a] != va or version[b] != vb or parent[a] != a or parent[b] != b:
+            continue  # stale: one side has merged since this entry was pushed
+        if len(nbrs[a]) < len(nbrs[b]):
+            a, b = b, a  # keep the region with more neighbours (fewer set updates)
+        tot[a] += tot[b]
+        cnt[a] += cnt[b]
+        parent[b] = a
+        version[a] += 1
+        nbrs[a] |= nbrs[b]
+        nbrs[a] -= {a, b}
+        for c in nbrs[b]:
+            if c != a:
+                nbrs[c].discard(b)
+                nbrs[c].add(a)
+        nbrs[b] = set()
+        for c in nbrs[a]:
+            dc = dist(a, c)
+            if dc < thresh:
+                heapq.heappush(heap, (dc, a, c, int(version[a]), int(version[c])))
+    while True:  # resolve merge chains to roots
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            return parent
+        parent = nxt
+
+
 class ClassicalSegmenter(Segmenter):
     """Felzenszwalb superpixels merged by colour (Lab) and pointmap geometry (no weights).
 
@@ -277,10 +335,11 @@ class ClassicalSegmenter(Segmenter):
     name = "classical"
 
     def __init__(self, fz_scale: float = 80.0, fz_sigma: float = 0.8, fz_min_size: int = 20,
-                 color_thresh: float = 14.0, color_thresh_nogeo: float = 8.0,
+                 color_thresh: float = 14.0, color_thresh_nogeo: float = 16.0,
                  lightness_weight: float = 0.35, geo_frac: float = 0.5,
                  jump_ratio: float = 3.0, crease_deg: float = 35.0,
                  min_area_frac: float = 6e-4, background_area_frac: float = 0.15,
+                 background_border_frac: float = 0.25, color_linkage: str = "average",
                  detect_planes: bool = True, plane_min_frac: float = 0.03,
                  plane_tol_spacing: float = 5.0, object_max_frac: float = 0.12,
                  keep_background: bool = False, normal_smooth_sigma: float = 0.0,
@@ -297,6 +356,10 @@ class ClassicalSegmenter(Segmenter):
         self.crease_deg = float(crease_deg)
         self.min_area_frac = float(min_area_frac)
         self.background_area_frac = float(background_area_frac)
+        self.background_border_frac = float(background_border_frac)
+        if color_linkage not in ("average", "single"):
+            raise ValueError(f"color_linkage must be 'average' or 'single', got {color_linkage!r}")
+        self.color_linkage = color_linkage
         self.detect_planes = bool(detect_planes)
         self.plane_min_frac = float(plane_min_frac)
         self.plane_tol_spacing = float(plane_tol_spacing)
@@ -426,13 +489,20 @@ class ClassicalSegmenter(Segmenter):
         # a compact geometric component (an object cut from its support) is one segment
         compact = info["atom_geo_area"] < self.object_max_frac * H * W
         same_obj = nonplane & compact[ea] & (info["atom_geo"][ea] == info["atom_geo"][eb])
-        ok = nonplane & geo_ok & (cdist < thr)
-        ok |= same_obj
-        uf = _UF(A)
-        prio = np.where(same_obj, -1.0, cdist)
-        for k in np.flatnonzero(ok)[np.argsort(prio[ok], kind="stable")]:
-            uf.union(int(ea[k]), int(eb[k]))
-        seg = uf.roots()
+        if info["use_geo"] or self.color_linkage == "single":
+            ok = nonplane & geo_ok & (cdist < thr)
+            ok |= same_obj
+            uf = _UF(A)
+            prio = np.where(same_obj, -1.0, cdist)
+            for k in np.flatnonzero(ok)[np.argsort(prio[ok], kind="stable")]:
+                uf.union(int(ea[k]), int(eb[k]))
+            seg = uf.roots()
+        else:
+            # colour only: no geometric cut can stop a chain of similar atoms across an object's
+            # outline, so regions merge by average linkage (their means must stay close);
+            # color_linkage="single" keeps the union of close atom pairs (an ablation baseline)
+            w = np.array([self.lightness_weight, 1.0, 1.0])
+            seg = merge_average_linkage(A, ea, eb, area, info["col"] * w, thr)
         # absorb small segments into their best geometrically connected neighbour
         min_area = self.min_area_frac * H * W
         for _ in range(2):
@@ -465,8 +535,13 @@ class ClassicalSegmenter(Segmenter):
         if not self.keep_background:
             keep[seg[plane > 0]] = False
             if not info["use_geo"]:
-                # no geometry: very large segments are treated as background
-                keep &= seg_area < self.background_area_frac * H * W
+                # no geometry: a very large segment that runs along much of the image border is
+                # background (a large object filling the middle of the view stays an object)
+                lab_px = seg[info["atoms"]]
+                rim = np.concatenate([lab_px[0], lab_px[-1], lab_px[1:-1, 0], lab_px[1:-1, -1]])
+                rim_frac = np.bincount(rim, minlength=A) / rim.size
+                keep &= (seg_area < self.background_area_frac * H * W) | \
+                    (rim_frac < self.background_border_frac)
         seg = np.where(keep[seg], seg + 1, 0)
         labels_atoms = relabel_consecutive(seg)
         labels = labels_atoms[info["atoms"]].astype(np.int32)
