@@ -9,12 +9,15 @@ Per view (:meth:`ClassicalSegmenter.automatic_masks`):
    concave, the LCCP criterion ``(n1 - n2) . (p1 - p2) < 0``): objects resting on a support are
    cut from it, while the faces of a convex object stay connected.  Superpixels are split by
    its connected components ("atoms").
-3. Adjacent atoms are merged (union-find, most similar first) when their mean colours are close
-   (CIE Lab, lightness down-weighted against shading) and, with geometry, most of their common
-   border is geometrically connected.  Without geometry a stricter colour threshold applies.
+3. With geometry, adjacent atoms are merged (union-find, most similar first) when their mean
+   colours are close (CIE Lab, lightness down-weighted against shading) and most of their common
+   border is geometrically connected.  Without geometry, regions merge by average linkage
+   (:func:`merge_average_linkage`: the merged regions' mean colours must stay close), so a chain
+   of similar atoms cannot join an object to its background.
 4. Large planar regions (floor, walls, table tops; plane fit residual small against extent) become
-   background 0; segments smaller than ``min_area_frac`` are absorbed by their best
-   geometrically-connected neighbour or dropped.
+   background 0 (without geometry: a segment over ``background_area_frac`` of the image that runs
+   along ``background_border_frac`` of the image border); segments smaller than ``min_area_frac``
+   are absorbed by their best geometrically-connected neighbour or dropped.
 
 :meth:`build_mask_cache` runs this per view and associates the masks across views through the
 pointmaps (:func:`~wildseg3d_ros.core.segment.mask_cache.associate_masks_3d`).

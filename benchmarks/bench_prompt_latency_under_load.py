@@ -1,0 +1,204 @@
+"""Benchmark: prompt latency of segmentation_node while a reconstruction runs beside it.
+
+Deployment as in launch/wildseg3d.launch.py: segmentation_node in its own process (started here
+with ``python -m wildseg3d_ros.ros.segmentation_node``), reconstruction in another process.  The
+load process runs the reconstruction node's pipeline (rgbd backend, classical segmenter, DGA
+500 iterations, 5 keyframes at 512 x 384 of the embedded scene) back to back in a worker thread
+whose CPU priority is lowered exactly as reconstruction_node does it
+(``core.cpu_priority.lower_thread_priority(reconstruction.nice)``); torch uses every core.
+
+A client node in this process latches the 5-view 512 x 384 scene (mask cache from the classical
+segmenter) on wildseg3d/scene, then sends rviz2-style PointStamped clicks on object surfaces
+(~/reset between prompts, outside the timed span; 50 ms apart) and times click publish ->
+non-empty wildseg3d/object_cloud received (client round trip, both DDS hops included).  A click
+answered with no object (a click point jittered off its object onto the background) is listed
+by index; the same clicks are used in every phase, so such a click repeats in each.
+
+Phases, in one run: idle (no load), load with nice 0 (baseline: the node before the
+reconstruction.nice parameter), load with nice 10 (the default).  Prints p50/p95/max per phase;
+last line: one JSON object.
+
+    .venv/bin/python benchmarks/bench_prompt_latency_under_load.py --prompts 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "test"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
+
+LOAD = r"""
+import sys, threading, time
+import numpy as np
+from wildseg3d_ros.core.cpu_priority import lower_thread_priority
+from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.synthetic import render_sequence
+
+nice = int(sys.argv[1])
+s = render_sequence(n_views=5, width=512, height=384, seed=3)
+kfs = [Keyframe(v, float(v), s.rgb[v], s.K, depth=s.depth[v]) for v in range(5)]
+pipe = ReconstructionPipeline(PipelineConfig(backend="rgbd", segmenter="classical", iterations=500))
+
+def work():
+    got = lower_thread_priority(nice)
+    print(f"ready nice={got}", flush=True)
+    n = 0
+    while True:
+        t = time.perf_counter()
+        pipe.run(kfs)
+        n += 1
+        print(f"reconstruction {n} {time.perf_counter() - t:.1f} s", flush=True)
+
+threading.Thread(target=work, daemon=True).start()
+while True:
+    time.sleep(1)
+"""
+
+
+def start_load(nice: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", LOAD, str(nice)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if line.startswith("ready"):
+            print(f"  load process: {line.strip()}")
+            return p
+    p.kill()
+    raise RuntimeError("the load process did not start")
+
+
+def stop(p: subprocess.Popen):
+    p.terminate()
+    try:
+        out, _ = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return out or ""
+
+
+def measure(client, click_pub, objs, clicks, frame="map"):
+    from geometry_msgs.msg import PointStamped
+
+    from ros_harness import call_trigger, wait_for
+    from wildseg3d_ros.ros import convert
+
+    ms, missed = [], []
+    for i, p in enumerate(clicks):
+        k = objs.count()
+        msg = PointStamped(header=convert.make_header(frame, client.get_clock().now().to_msg()))
+        msg.point.x, msg.point.y, msg.point.z = (float(x) for x in p)
+        t0 = time.perf_counter()
+        click_pub.publish(msg)
+        ok = wait_for(lambda: any(m.width > 0 for _, m in objs.msgs[k:]), 10.0, period=0.0005)
+        t1 = next((t for t, m in objs.msgs[k:] if m.width > 0), None)
+        if ok and t1 is not None:
+            ms.append((t1 - t0) * 1e3)
+        else:
+            missed.append(i)
+        call_trigger(client, "segmentation_node/reset", 10.0)
+        wait_for(lambda: objs.last() is not None and objs.last().width == 0, 5.0, period=0.001)
+        time.sleep(0.05)
+    x = np.asarray(ms)
+    return {"p50_ms": round(float(np.percentile(x, 50)), 2), "p95_ms": round(float(np.percentile(x, 95)), 2),
+            "max_ms": round(float(x.max()), 2), "n": int(x.size), "missed": missed} if x.size else \
+        {"n": 0, "missed": missed}
+
+
+def _count(r):
+    return len(r["missed"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=100, help="prompts per phase")
+    ap.add_argument("--nice", type=int, default=10, help="reconstruction.nice of the measured phase")
+    args = ap.parse_args()
+    import rclpy
+    from geometry_msgs.msg import PointStamped
+    from sensor_msgs.msg import PointCloud2
+
+    from bench_prompt_latency_ros import build_scene
+    from ros_harness import Collector, spinning, wait_for
+    from wildseg3d_ros.core.cloud import pack_scene_cloud
+    from wildseg3d_ros.ros import convert
+
+    s, scene = build_scene(0)
+    arr, h, w = pack_scene_cloud(scene)
+    rng = np.random.default_rng(1)
+    valid = np.isfinite(scene.pts3d).all(-1)
+    obj = np.isin(s.instance, s.scene.object_ids) & valid
+    idx = rng.choice(np.flatnonzero(obj.ravel()), args.prompts)
+    clicks = scene.pts3d.reshape(-1, 3)[idx].astype(np.float64) + rng.normal(0, 0.002, (len(idx), 3))
+
+    seg = subprocess.Popen([sys.executable, "-m", "wildseg3d_ros.ros.segmentation_node"], cwd=str(ROOT),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rclpy.init()
+    client = rclpy.create_node("bench_load_client")
+    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
+    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
+    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
+    results, logs = {}, {}
+    try:
+        with spinning([client]):
+            scene_pub.publish(convert.struct_to_cloud(arr, "map", convert.sec_to_stamp(time.time()), h, w))
+            assert wait_for(lambda: click_pub.get_subscription_count() > 0, 60), "segmentation_node not up"
+            # the node has loaded the scene once a click is answered
+            ready = False
+            for _ in range(60):
+                if measure(client, click_pub, objs, clicks[:1])["n"]:
+                    ready = True
+                    break
+                time.sleep(0.5)
+            assert ready, "segmentation_node never answered a click"
+            print("phase idle")
+            results["idle"] = measure(client, click_pub, objs, clicks)
+            for nice in (0, args.nice):
+                print(f"phase load, reconstruction thread nice {nice}")
+                load = start_load(nice)
+                try:
+                    time.sleep(3.0)  # into the reconstruction
+                    results[f"nice{nice}"] = measure(client, click_pub, objs, clicks)
+                finally:
+                    logs[nice] = stop(load)
+                print("  " + " | ".join(ln for ln in logs[nice].splitlines() if ln.startswith("reconstruction"))[:300])
+    finally:
+        client.destroy_node()
+        rclpy.shutdown()
+        seg.terminate()
+        try:
+            seg.wait(10)
+        except subprocess.TimeoutExpired:
+            seg.kill()
+    for k, r in results.items():
+        print(f"{k:8s} client round trip p50 {r.get('p50_ms')} ms p95 {r.get('p95_ms')} ms max {r.get('max_ms')} ms "
+              f"(n={r['n']}, clicks without an object: {r['missed']})")
+    base, new = results["nice0"], results[f"nice{args.nice}"]
+    out = {"bench": "prompt_latency_under_load", "cpu_count": os.cpu_count(), "prompts_per_phase": args.prompts,
+           "idle_p50_ms": results["idle"].get("p50_ms"), "idle_p95_ms": results["idle"].get("p95_ms"),
+           "p50_ms": new.get("p50_ms"), "p95_ms": new.get("p95_ms"), "max_ms": new.get("max_ms"),
+           "baseline_p50_ms": base.get("p50_ms"), "baseline_p95_ms": base.get("p95_ms"),
+           "baseline_max_ms": base.get("max_ms"), "nice": args.nice,
+           "speedup_p95": round(base["p95_ms"] / max(new["p95_ms"], 1e-9), 2) if base["n"] and new["n"] else None,
+           "clicks_without_object": sum(_count(r) for r in results.values())}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
