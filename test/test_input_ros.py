@@ -5,7 +5,6 @@ paired by approximate time, CompressedImage jpeg / png, PoseStamped / Odometry p
 Each frame is published (camera_info, depth candidates, pose, colour) and the test waits until
 the node's keyframe thread has processed it; the node accepts every frame (motion thresholds 0),
 so keyframe k must carry exactly the k-th published content."""
-import threading
 import time
 
 import numpy as np

@@ -12,7 +12,6 @@ synthetic scene:
 (c) synthetic scene: pose and pointmap error against ground truth, with and without odometry
     priors.
 """
-import threading
 import time
 from pathlib import Path
 

@@ -30,7 +30,6 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # n
 from std_srvs.srv import Trigger  # noqa: E402
 
 from ros_harness import Collector, SpinThread, call_trigger, wait_for  # noqa: E402
-from wildseg3d_ros.core import image_codec  # noqa: E402
 from wildseg3d_ros.core.cpu_priority import thread_nice  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402

@@ -7,8 +7,6 @@ are kept, and a later good prompt still segments the object.
 """
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest

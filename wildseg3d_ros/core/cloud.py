@@ -38,7 +38,7 @@ Any inconsistency (unknown datatype, field outside ``point_step``, data size not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -453,7 +453,7 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     with torch.no_grad():
         R, c, f = (x.detach() for x in cameras())
         sig, Re, te = (x.detach() for x in edge_sims())
-        pts_out, conf_out, w_out, depth_ok = [], [], [], []
+        pts_out, conf_out, w_out = [], [], []
         total_loss = 0.0
         area = 0.0
         for v in range(V):

@@ -37,7 +37,7 @@ its own frame, ``pred2.pts3d_in_other_view`` = pointmap of ``j`` mapped into ``i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
