@@ -292,11 +292,11 @@ def merge_average_linkage(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarr
             nbrs[a].add(b)
             nbrs[b].add(a)
 
-    def dist(a, b):
-        return float(np.linalg.norm(tot[a] / cnt[a] - tot[b] / cnt[b]))
+    def dist(a, b):  # mean-feature distances between regions a and b (index arrays)
+        return np.linalg.norm(tot[a] / cnt[a, None] - tot[b] / cnt[b, None], axis=1)
 
-    ea_u, eb_u = np.asarray(ea), np.asarray(eb)
-    d0 = np.linalg.norm(tot[ea_u] / cnt[ea_u, None] - tot[eb_u] / cnt[eb_u, None], axis=1)
+    ea_u, eb_u = np.asarray(ea, np.int64), np.asarray(eb, np.int64)
+    d0 = dist(ea_u, eb_u)
     heap = [(float(d), int(a), int(b), 0, 0) for d, a, b in zip(d0, ea_u, eb_u) if d < thresh and a != b]
     heapq.heapify(heap)
     while heap:
@@ -316,10 +316,12 @@ def merge_average_linkage(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarr
                 nbrs[c].discard(b)
                 nbrs[c].add(a)
         nbrs[b] = set()
-        for c in nbrs[a]:
-            dc = dist(a, c)
-            if dc < thresh:
-                heapq.heappush(heap, (dc, a, c, int(version[a]), int(version[c])))
+        if nbrs[a]:
+            nb = np.fromiter(nbrs[a], np.int64, len(nbrs[a]))
+            dc = dist(np.full(nb.size, a), nb)
+            close = dc < thresh
+            for c, dcc in zip(nb[close].tolist(), dc[close].tolist()):
+                heapq.heappush(heap, (dcc, a, c, int(version[a]), int(version[c])))
     while True:  # resolve merge chains to roots
         nxt = parent[parent]
         if np.array_equal(nxt, parent):
