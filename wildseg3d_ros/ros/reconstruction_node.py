@@ -92,8 +92,9 @@ PARAMS = [
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),
     ParamSpec("reconstruction.nice", 10, "Raise the nice value of each reconstruction worker thread (and the "
-              "torch threads it starts) by this much, so that other nodes' callbacks, e.g. segmentation "
-              "prompts, get the CPU first (Linux; 0 = off).", 0, 19),
+              "torch threads it starts) by this much, so that other nodes (segmentation prompts, SLAM, "
+              "control) get the CPU first; on a busy CPU reconstructions then take longer "
+              "(Linux; 0 = normal priority).", 0, 19),
     ParamSpec("device", "cpu", "torch device for alignment / models (cpu, cuda, cuda:N, mps).",
               check=check_device),
     ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
