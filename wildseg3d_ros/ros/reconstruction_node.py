@@ -42,7 +42,6 @@ from std_srvs.srv import Trigger
 
 from ..core import cloud as corecloud
 from ..core import store
-from ..core.cpu_priority import lower_thread_priority
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 from ..core.pipeline import PipelineCancelled, PipelineConfig, ReconstructionPipeline
 from . import convert
@@ -91,10 +90,6 @@ PARAMS = [
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),
-    ParamSpec("reconstruction.nice", 10, "Raise the nice value of each reconstruction worker thread (and the "
-              "torch threads it starts) by this much, so that other nodes (segmentation prompts, SLAM, "
-              "control) get the CPU first; on a busy CPU reconstructions then take longer "
-              "(Linux; 0 = normal priority).", 0, 19),
     ParamSpec("device", "cpu", "torch device for alignment / models (cpu, cuda, cuda:N, mps).",
               check=check_device),
     ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
@@ -198,7 +193,6 @@ class ReconstructionNode(NodeCommonMixin, Node):
         self._save_lock = threading.Lock()
         self._static_tf = None  # tf2_ros StaticTransformBroadcaster, False when tf2_ros is missing
         self.restored = threading.Event()  # set once the start-up scene restore has finished (or was skipped)
-        self.job_nice: Optional[int] = None  # nice value of the last reconstruction thread (None: not Linux)
 
         # subscriptions (callbacks only store)
         cam_qos = convert.RELIABLE_CAMERA_QOS if p["input.reliable"] else convert.SENSOR_QOS
@@ -530,7 +524,6 @@ class ReconstructionNode(NodeCommonMixin, Node):
         self.get_logger().info(f"reconstruction cancelled ({where}){lat}; its result is discarded")
 
     def _run_job(self, kfs, gen, cancel: threading.Event, why: str, previous: Optional[threading.Thread] = None):
-        self.job_nice = lower_thread_priority(int(self.params["reconstruction.nice"]))
         try:
             self._run_job_inner(kfs, gen, cancel, why, previous)
         finally:
@@ -721,8 +714,7 @@ class ReconstructionNode(NodeCommonMixin, Node):
                         if self._scene is not None else "none"),
               "last_error": self.last_error[:300] or "none",
               "scene_dir": self._scene_dir() or "(disabled)",
-              "last_saved": os.path.basename(self.last_saved) or "none",
-              "reconstruction_thread_nice": "none" if self.job_nice is None else str(self.job_nice)}
+              "last_saved": os.path.basename(self.last_saved) or "none"}
         for k, r in self._rates.items():
             kv[f"rate_hz.{k}"] = f"{r.hz(now):.2f}"
         kv["image_latency_p95_ms"] = f"{_percentile(self.image_latency_ms, 95):.2f}"
