@@ -194,8 +194,8 @@ def test_bag_player_timing_content_and_topic_map(ros, tmp_path, seq, mode):
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
 
-    from wildseg3d_ros.ros import convert
     from ros_harness import SpinThread
+    from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.bag_player import BagPlayerNode
 
     stamps = 50.0 + np.array([0.0, 1.0, 2.0])
