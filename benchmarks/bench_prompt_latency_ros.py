@@ -75,7 +75,7 @@ def run(mode: str, scene_msg, clicks, args):
     from geometry_msgs.msg import PointStamped
     from sensor_msgs.msg import PointCloud2
 
-    from ros_harness import Collector, call_trigger, spinning, wait_for
+    from ros_harness import Collector, spinning, timed_click, wait_for
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.segmentation_node import SegmentationNode
 
@@ -93,20 +93,11 @@ def run(mode: str, scene_msg, clicks, args):
                 make_naive(seg.session.mapper)
             assert wait_for(lambda: click_pub.get_subscription_count() > 0, 10)
             n_lat0 = len(seg.latencies_ms)
-            for i, p in enumerate(clicks):
-                k = objs.count()
-                msg = PointStamped(header=convert.make_header("map", client.get_clock().now().to_msg()))
-                msg.point.x, msg.point.y, msg.point.z = (float(x) for x in p)
-                t0 = time.perf_counter()
-                click_pub.publish(msg)
-                ok = wait_for(lambda: any(m.width > 0 for _, m in objs.msgs[k:]), 5.0, period=0.0002)
-                t1 = next((t for t, m in objs.msgs[k:] if m.width > 0), None)
-                if not ok or t1 is None:
-                    continue
-                client_ms.append((t1 - t0) * 1e3)
-                sizes.append(next(m.width for _, m in objs.msgs[k:] if m.width > 0))
-                call_trigger(client, "segmentation_node/reset")
-                wait_for(lambda: objs.last() is not None and objs.last().width == 0, 2.0, period=0.001)
+            for p in clicks:
+                ms, width = timed_click(client, click_pub, objs, p)
+                if ms is not None:
+                    client_ms.append(ms)
+                    sizes.append(width)
             time.sleep(0.2)
             # the node appends each prompt's receipt->publish time right after publishing
             node_ms = list(seg.latencies_ms)[n_lat0:]

@@ -88,36 +88,21 @@ def stop(p: subprocess.Popen):
     return out or ""
 
 
-def measure(client, click_pub, objs, clicks, frame="map"):
-    from geometry_msgs.msg import PointStamped
-
-    from ros_harness import call_trigger, wait_for
-    from wildseg3d_ros.ros import convert
+def measure(client, click_pub, objs, clicks):
+    from ros_harness import timed_click
 
     ms, missed = [], []
     for i, p in enumerate(clicks):
-        k = objs.count()
-        msg = PointStamped(header=convert.make_header(frame, client.get_clock().now().to_msg()))
-        msg.point.x, msg.point.y, msg.point.z = (float(x) for x in p)
-        t0 = time.perf_counter()
-        click_pub.publish(msg)
-        ok = wait_for(lambda: any(m.width > 0 for _, m in objs.msgs[k:]), 10.0, period=0.0005)
-        t1 = next((t for t, m in objs.msgs[k:] if m.width > 0), None)
-        if ok and t1 is not None:
-            ms.append((t1 - t0) * 1e3)
-        else:
+        dt, _ = timed_click(client, click_pub, objs, p, timeout=10.0, period=0.0005, reset_timeout=5.0)
+        if dt is None:
             missed.append(i)
-        call_trigger(client, "segmentation_node/reset", 10.0)
-        wait_for(lambda: objs.last() is not None and objs.last().width == 0, 5.0, period=0.001)
+        else:
+            ms.append(dt)
         time.sleep(0.05)
     x = np.asarray(ms)
     return {"p50_ms": round(float(np.percentile(x, 50)), 2), "p95_ms": round(float(np.percentile(x, 95)), 2),
             "max_ms": round(float(x.max()), 2), "n": int(x.size), "missed": missed} if x.size else \
         {"n": 0, "missed": missed}
-
-
-def _count(r):
-    return len(r["missed"])
 
 
 def main():
@@ -188,7 +173,7 @@ def main():
            "baseline_idle_p50_ms": base.get("p50_ms"), "baseline_idle_p95_ms": base.get("p95_ms"),
            "baseline_idle_max_ms": base.get("max_ms"),
            "slowdown_p95": round(load["p95_ms"] / max(base["p95_ms"], 1e-9), 2) if base["n"] and load["n"] else None,
-           "clicks_without_object": sum(_count(r) for r in results.values()), "target_p95_ms": 10.0}
+           "clicks_without_object": sum(len(r["missed"]) for r in results.values()), "target_p95_ms": 10.0}
     out["meets_target"] = out["p95_ms"] is not None and out["p95_ms"] <= 10.0
     print(json.dumps(out))
 

@@ -111,6 +111,30 @@ def click_point_on_object(scene, instance_kf: np.ndarray, object_id: int, view: 
     return scene.pts3d[view, v, u].astype(np.float64), (int(u), int(v))
 
 
+def timed_click(client, click_pub, objs: "Collector", point, frame: str = "map", timeout: float = 5.0,
+                period: float = 0.0002, reset_timeout: float = 2.0):
+    """Publish one rviz2-style PointStamped click and wait for a non-empty object cloud on ``objs``.
+
+    Returns (client round trip in ms or None when no object came, points in that cloud or 0).
+    Then calls ``segmentation_node/reset`` and waits for the cleared cloud (outside the timing)."""
+    from geometry_msgs.msg import PointStamped
+
+    from wildseg3d_ros.ros import convert
+
+    k = objs.count()
+    msg = PointStamped(header=convert.make_header(frame, client.get_clock().now().to_msg()))
+    msg.point.x, msg.point.y, msg.point.z = (float(x) for x in point)
+    t0 = time.perf_counter()
+    click_pub.publish(msg)
+    ok = wait_for(lambda: any(m.width > 0 for _, m in objs.msgs[k:]), timeout, period=period)
+    hit = next(((t, m.width) for t, m in objs.msgs[k:] if m.width > 0), None)
+    call_trigger(client, "segmentation_node/reset")
+    wait_for(lambda: objs.last() is not None and objs.last().width == 0, reset_timeout, period=0.001)
+    if not ok or hit is None:
+        return None, 0
+    return (hit[0] - t0) * 1e3, hit[1]
+
+
 def start_process(args: List[str], env=None, log_path=None) -> subprocess.Popen:
     """Start a console script in its own process group (the ROS wheels re-exec Python once at
     start-up, so the whole group is signalled when stopping)."""
