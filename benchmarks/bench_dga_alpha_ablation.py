@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dga_speed import clutter_masks  # noqa: E402
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.core.align.synth import make_pairs  # noqa: E402
+from wildseg3d_ros.core.align.synth import synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, project_points  # noqa: E402
 from wildseg3d_ros.core.synthetic import FIRST_OBJECT_ID, render_sequence  # noqa: E402
 
@@ -93,7 +93,7 @@ def main():
         edges = [(i, j) for i in range(V) for j in range(V) if i != j]
         rng = np.random.default_rng(s + 11)
         corrupt = clutter_masks(np.zeros_like(seq.instance), edges, args.clutter, rng)  # anywhere
-        pairs, _ = make_pairs(seq.depth, seq.K, seq.poses, edges=edges, seed=s + 12, noise=args.noise,
+        pairs, _ = synthetic_predictions(seq.depth, seq.K, seq.poses, edges=edges, seed=s + 12, noise=args.noise,
                               outlier_frac=args.outliers, rot_deg=args.rot_deg, corrupt=corrupt)
         objs, counts = np.unique(seq.instance[args.ref][seq.instance[args.ref] >= FIRST_OBJECT_ID], return_counts=True)
         obj = int(objs[np.argmax(counts)])

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.core.align.synth import backproject, make_pairs  # noqa: E402
+from wildseg3d_ros.core.align.synth import backproject, synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, umeyama  # noqa: E402
 from wildseg3d_ros.core.synthetic import render_sequence  # noqa: E402
 
@@ -110,9 +110,9 @@ def evaluate(poses, pts, gt_poses, gt_pts, valid):
 def run_dust3r(pairs, device, niter, lr):
     from dust3r.cloud_opt import GlobalAlignerMode, global_aligner
 
-    dpairs = {"view1": {"idx": list(pairs["view1"]["idx"])}, "view2": {"idx": list(pairs["view2"]["idx"])},
-              "pred1": {k: v.clone().to(device) for k, v in pairs["pred1"].items()},
-              "pred2": {k: v.clone().to(device) for k, v in pairs["pred2"].items()}}
+    dpairs = {"view1": {"idx": list(pairs.idx1)}, "view2": {"idx": list(pairs.idx2)},
+              "pred1": {"pts3d": pairs.pts1.clone().to(device), "conf": pairs.conf1.clone().to(device)},
+              "pred2": {"pts3d_in_other_view": pairs.pts2.clone().to(device), "conf": pairs.conf2.clone().to(device)}}
     scene = global_aligner(dpairs, device=device, mode=GlobalAlignerMode.PointCloudOptimizer, verbose=False)
     loss = scene.compute_global_alignment(init="mst", niter=niter, schedule="cosine", lr=lr)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def main():
     edges = [(i, j) for i in range(V) for j in range(V) if i != j]
     rng = np.random.default_rng(args.seed + 1)
     corrupt = clutter_masks(seq.instance, edges, args.clutter, rng)
-    pairs, _ = make_pairs(seq.depth, seq.K, seq.poses, edges=edges, seed=args.seed + 2, noise=args.noise,
+    pairs, _ = synthetic_predictions(seq.depth, seq.K, seq.poses, edges=edges, seed=args.seed + 2, noise=args.noise,
                           outlier_frac=args.outliers, rot_deg=args.rot_deg, corrupt=corrupt)
     gt_pts = np.stack([backproject(seq.depth[v], seq.K) @ seq.poses[v][:3, :3].T + seq.poses[v][:3, 3]
                        for v in range(V)])

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from wildseg3d_ros.core.align import AlignmentCancelled, AlignmentError, align_global
-from wildseg3d_ros.core.align.synth import make_pairs, sphere_scene
+from wildseg3d_ros.core.align import AlignmentError, align_global
+from wildseg3d_ros.core.errors import Cancelled
+from wildseg3d_ros.core.align.synth import sphere_scene, synthetic_predictions
 from wildseg3d_ros.core.geometry import pose_errors, umeyama
-from wildseg3d_ros.core.scene import AlignedScene, make_pairwise_predictions
+from wildseg3d_ros.core.scene import AlignedScene, PairwisePredictions
 
 ITERS = 100
 
@@ -29,7 +30,7 @@ def scene():
 @pytest.fixture(scope="module")
 def pairs(scene):
     # per-pair random scale 0.5-2x, 1 deg rotation, 1 % translation, 0.3 % depth noise, 5 % outliers
-    return make_pairs(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05)[0]
+    return synthetic_predictions(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05)[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_deterministic(pairs, result):
 def test_input_formats_agree(scene, result):
     ref = result.poses
     for kw in (dict(as_torch=False), dict(as_list=True), dict(as_list=True, as_torch=False)):
-        p, _ = make_pairs(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05, **kw)
+        p, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05, **kw)
         sc = align_global(p, iterations=ITERS)
         np.testing.assert_allclose(sc.poses, ref, atol=1e-4)
 
@@ -124,7 +125,7 @@ def test_known_focals_fixed(pairs, scene):
 def test_view_only_seen_as_second_image(scene):
     # not symmetrised: view 3 is never view1 -> placed by PnP
     edges = [(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]
-    p, _ = make_pairs(scene.depth, scene.K, scene.poses, edges=edges, seed=2, noise=0.003)
+    p, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, edges=edges, seed=2, noise=0.003)
     sc = align_global(p, iterations=ITERS)
     err = pose_errors(sc.poses, scene.poses)
     assert err["rot_deg_max"] < 0.3 and err["center_max"] < 0.015, err
@@ -141,7 +142,7 @@ def test_progress_and_cancel(pairs):
         n["k"] += 1
         return n["k"] > 3
 
-    with pytest.raises(AlignmentCancelled):
+    with pytest.raises(Cancelled):
         align_global(pairs, iterations=50, cancel=cancel)
 
 
@@ -150,7 +151,7 @@ def _tiny_pairs(edges, conf_value=5.0, H=8, W=10):
     E = len(edges)
     pts = torch.from_numpy(rng.uniform(0.5, 2, (E, H, W, 3)).astype(np.float32))
     conf = torch.full((E, H, W), conf_value)
-    return make_pairwise_predictions([e[0] for e in edges], [e[1] for e in edges], pts, conf, pts.clone(), conf.clone())
+    return PairwisePredictions([e[0] for e in edges], [e[1] for e in edges], pts, conf, pts.clone(), conf.clone())
 
 
 def test_degenerate_inputs():
@@ -184,7 +185,7 @@ def test_dga_downweights_confident_wrong_pixels(scene):
         r, c = rng.integers(0, H - 16), rng.integers(0, W - 24)
         m[r:r + 16, c:c + 24] = True  # one confident wrong block per pair, ~12 % of the pixels
         corrupt[(e, 0)] = m
-    p, _ = make_pairs(scene.depth, scene.K, scene.poses, edges=edges, seed=4, noise=0.002,
+    p, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, edges=edges, seed=4, noise=0.002,
                       corrupt=corrupt, rot_deg=0.5)
     out = {}
     for w in ("dga", "confidence"):
@@ -192,8 +193,8 @@ def test_dga_downweights_confident_wrong_pixels(scene):
         out[w] = sc
     # relative weight of corrupted vs clean pixels, from the per-edge weights of view 0 in edge 0
     from wildseg3d_ros.core.align import dga_weights, pair_matches, transform_confidence
-    c1 = transform_confidence(p["pred1"]["conf"][0].numpy())
-    ma, _ = pair_matches(p["pred1"]["pts3d"][0].numpy(), p["pred2"]["pts3d_in_other_view"][0].numpy(), threshold=0.03)
+    c1 = transform_confidence(p.conf1[0].numpy())
+    ma, _ = pair_matches(p.pts1[0].numpy(), p.pts2[0].numpy(), threshold=0.03)
     m = corrupt[(0, 0)]
     assert ma[m].mean() < 0.2 and ma[~m].mean() > 0.5
     Wd = dga_weights(c1, None, ma)
@@ -212,7 +213,7 @@ def test_cancel_is_honoured_before_the_loop(pairs):
     """A reset during matching / initialisation (the long stretch before the first iteration)
     aborts at once: no iteration runs."""
     calls = []
-    with pytest.raises(AlignmentCancelled, match="matching|initialisation"):
+    with pytest.raises(Cancelled, match="matching|initialisation"):
         align_global(pairs, iterations=50, cancel=lambda: True,
                      progress=lambda i, n, l: calls.append(i))
     assert calls == []

@@ -116,7 +116,9 @@ def test_tiny_random_model_inference_structure(tmp_path):
     K = np.array([[300.0, 0, 159.5], [0, 300.0, 119.5], [0, 0, 1]])
     kfs = [Keyframe(i, float(i), rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), K) for i in range(3)]
     be = make_backend("dust3r", model=_tiny_model(), image_size=224, device="cpu", batch_size=2)
-    out = be.predict_pairs(kfs)  # scene graph 'complete' via dust3r.image_pairs.make_pairs
+    preds = be.predict_pairs(kfs)  # scene graph 'complete' via dust3r.image_pairs.make_pairs
+    assert not preds.metric and preds.images.shape == (3, 224, 224, 3)
+    out = preds.to_dust3r()  # the dict layout of dust3r.inference.inference()
     E = 6
     assert sorted(zip(out["view1"]["idx"], out["view2"]["idx"])) == sorted(
         [(i, j) for i in range(3) for j in range(3) if i != j])
@@ -137,7 +139,7 @@ def test_tiny_random_model_inference_structure(tmp_path):
             "output_mode='pts3d', depth_mode=('exp', -inf, inf), conf_mode=('exp', 1, inf), pos_embed='RoPE100')")
     torch.save({"args": argparse.Namespace(model=spec), "model": _tiny_model().state_dict()}, ck)
     be2 = make_backend("dust3r", model=str(ck), image_size=224, device="cpu")
-    out2 = be2.predict_pairs(kfs, pairs=[(0, 1), (1, 0)])
+    out2 = be2.predict_pairs(kfs, pairs=[(0, 1), (1, 0)]).to_dust3r()
     assert out2["view1"]["idx"] == [0, 1] and out2["view2"]["idx"] == [1, 0]
     ref = out["pred1"]["pts3d"][[k for k, (a, b) in enumerate(zip(out["view1"]["idx"], out["view2"]["idx"]))
                                  if (a, b) == (0, 1)][0]]

@@ -75,5 +75,5 @@ def test_synthetic_low_resolution_without_priors_keeps_only_correct_pairs():
     for (i, j), r in b.registrations.items():
         d = invert_pose(invert_pose(seq.poses[i]) @ seq.poses[j]) @ r.T
         assert rotation_angle_deg(d[:3, :3]) < 0.5 and np.linalg.norm(d[:3, 3]) < 0.01, (i, j)
-    kept = {(min(a, c), max(a, c)) for a, c in zip(preds["view1"]["idx"], preds["view2"]["idx"])}
+    kept = {(min(a, c), max(a, c)) for a, c in zip(preds.idx1, preds.idx2)}
     assert kept == set(b.registrations)

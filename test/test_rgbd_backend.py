@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wildseg3d_ros.core.backends import BackendError, make_backend, make_pairs
-from wildseg3d_ros.core.backends.base import BackendCancelled
+from wildseg3d_ros.core.errors import Cancelled
 from wildseg3d_ros.core.backends.rgbd import RgbdBackend, depth_confidence, pose_delta
 from wildseg3d_ros.core.geometry import backproject_depth, invert_pose, quat_xyzw_to_rot, transform_points
 from wildseg3d_ros.core.scene import Keyframe
@@ -65,7 +65,9 @@ def test_synthetic_without_priors_accurate_and_dust3r_layout(seq):
     be = make_backend("rgbd")
     kfs = _kfs(seq)
     pairs = make_pairs(5, "swin-1-noncyclic")
-    out = be.predict_pairs(kfs, pairs)
+    preds = be.predict_pairs(kfs, pairs)
+    assert preds.metric and preds.images.shape == (5, 240, 320, 3) and preds.intrinsics.shape == (5, 3, 3)
+    out = preds.to_dust3r()  # the dict layout of dust3r.inference.inference()
     E, H, W = len(pairs), 240, 320
     assert out["view1"]["idx"] == [p[0] for p in pairs] and out["view2"]["idx"] == [p[1] for p in pairs]
     assert out["pred1"]["pts3d"].shape == (E, H, W, 3) and out["pred1"]["pts3d"].dtype == torch.float32
@@ -127,7 +129,7 @@ def test_errors_and_cancel(seq):
     kfs = _kfs(seq)
     with pytest.raises(BackendError, match="no depth"):
         RgbdBackend().predict_pairs([kfs[0], Keyframe(1, 1.0, seq.rgb[1], seq.K)], [(0, 1)])
-    with pytest.raises(BackendCancelled):
+    with pytest.raises(Cancelled):
         RgbdBackend().predict_pairs(kfs, [(0, 1)], cancel=lambda: True)
     with pytest.raises(BackendError, match="bad pair"):
         RgbdBackend().predict_pairs(kfs, [(0, 7)])

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from .errors import AlignmentError, PipelineError, check_cancel
 from .geometry import apply_sim3_to_poses, invert_pose, transform_points, umeyama
 from .scene import AlignedScene, Keyframe
-
-
-class PipelineError(RuntimeError):
-    """A reconstruction that cannot run (too few keyframes, backend failure...)."""
-
-
-class PipelineCancelled(RuntimeError):
-    """The running reconstruction was cancelled (reset or shutdown)."""
 
 
 @dataclass
@@ -48,11 +41,6 @@ class PipelineConfig:
     min_keyframes: int = 2
 
 
-def _check_cancel(cancel: Optional[Callable[[], bool]]):
-    if cancel is not None and cancel():
-        raise PipelineCancelled("reconstruction cancelled")
-
-
 class ReconstructionPipeline:
     """Builds the backend and segmenter once (model loading is slow) and runs reconstructions."""
 
@@ -70,7 +58,7 @@ class ReconstructionPipeline:
 
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
-        """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / PipelineCancelled."""
+        """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / errors.Cancelled."""
         from .align import align_global
         from .segment.mask_cache import build_soft_masks
 
@@ -90,21 +78,21 @@ class ReconstructionPipeline:
         say("pointmaps", 0.0)
         preds = self.backend.predict_pairs(kfs, pairs, cancel=cancel)
         t["pointmaps_s"] = time.perf_counter() - t0
-        _check_cancel(cancel)
+        check_cancel(cancel, "reconstruction")
 
         # per-view pre-segmentation (camera-frame pointmaps help the classical segmenter)
         t1 = time.perf_counter()
         say("segmentation", 0.25)
-        cam_pts = self._camera_pointmaps(preds, len(kfs))
-        rgb = self._images_at_pointmap_size(kfs, cam_pts)
+        cam_pts = preds.camera_pointmaps()
+        rgb = self._images_at_pointmap_size(kfs, preds, cam_pts)
         local = []
         for v in range(len(kfs)):  # one cancel check per view (a view can take seconds at 640x480)
-            _check_cancel(cancel)
+            check_cancel(cancel, "reconstruction")
             local.append(self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1]))
         local = np.stack(local)
         soft = build_soft_masks(local)
         t["presegment_s"] = time.perf_counter() - t1
-        _check_cancel(cancel)
+        check_cancel(cancel, "reconstruction")
 
         # DGA
         t2 = time.perf_counter()
@@ -118,20 +106,16 @@ class ReconstructionPipeline:
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
                                  device=cfg.device, cancel=cancel)
-        except Exception as e:  # AlignmentCancelled / AlignmentError
-            if type(e).__name__ == "AlignmentCancelled":
-                raise PipelineCancelled("reconstruction cancelled during alignment") from e
-            if isinstance(e, ValueError):
-                raise PipelineError(f"alignment failed: {e}") from e
-            raise
+        except AlignmentError as e:
+            raise PipelineError(f"alignment failed: {e}") from e
         t["alignment_s"] = time.perf_counter() - t2
-        _check_cancel(cancel)
+        check_cancel(cancel, "reconstruction")
 
         scene.rgb = rgb
         scene.frame_id = frame_id
         scene.stamps = np.array([kf.stamp for kf in kfs], dtype=np.float64)
         # metric depth: only a rigid transform to the pose priors, never a rescale to drifting odometry
-        scene.metric = scene.metric or self.backend.name == "rgbd"
+        scene.metric = scene.metric or preds.metric
         priors_all = [kf.pose_prior for kf in kfs]
         self._express_in_world(scene, priors_all if cfg.align_to_priors else [None] * len(kfs))
 
@@ -145,36 +129,19 @@ class ReconstructionPipeline:
         say("done", 1.0)
         return scene, t
 
-    def _images_at_pointmap_size(self, kfs, cam_pts) -> np.ndarray:
-        """Keyframe images at the pointmaps' resolution: network backends (DUSt3R) predict at
-        their input size (e.g. 512 x 384 after resize + crop); their own resized images are used
-        when they expose them (``last_rgb``), otherwise the images are resized."""
+    @staticmethod
+    def _images_at_pointmap_size(kfs, preds, cam_pts) -> np.ndarray:
+        """Keyframe images at the pointmaps' resolution: the backend's own (network backends such
+        as DUSt3R predict at their input size, e.g. 512 x 384 after resize + crop), else the
+        keyframes resized."""
         import cv2
 
         shape = next(p.shape[:2] for p, _ in cam_pts if p is not None)
+        if preds.images is not None and len(preds.images) == len(kfs) and preds.images.shape[1:3] == shape:
+            return np.asarray(preds.images, np.uint8)
         if all(kf.rgb.shape[:2] == shape for kf in kfs):
             return np.stack([kf.rgb for kf in kfs])
-        last = getattr(self.backend, "last_rgb", None)
-        if last is not None and len(last) == len(kfs) and all(np.asarray(x).shape[:2] == shape for x in last):
-            return np.stack([np.asarray(x, np.uint8) for x in last])
         return np.stack([cv2.resize(kf.rgb, (shape[1], shape[0]), interpolation=cv2.INTER_AREA) for kf in kfs])
-
-    @staticmethod
-    def _camera_pointmaps(preds: dict, n: int):
-        """Per view: (camera-frame pointmap H x W x 3, valid H x W) taken from the first edge in
-        which the view is view1 (its own frame), or None when the backend gives none."""
-        out: List = [(None, None)] * n
-        idx1 = list(preds["view1"]["idx"])
-        pts = preds["pred1"]["pts3d"]
-        conf = preds["pred1"]["conf"]
-        for e, i in enumerate(idx1):
-            if out[i][0] is None:
-                p = pts[e]
-                c = conf[e]
-                p = p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p)
-                c = c.detach().cpu().numpy() if hasattr(c, "detach") else np.asarray(c)
-                out[i] = (p.astype(np.float32), (c > 0) & np.isfinite(p).all(-1))
-        return out
 
     @staticmethod
     def _express_in_world(scene: AlignedScene, priors: Sequence[Optional[np.ndarray]]):

@@ -8,13 +8,13 @@ Conventions (used everywhere in the package):
 * Intrinsics ``K`` are 3x3 float64 pinhole matrices in pixels.
 * Mask-cache labels are int32 object ids; ``0`` means "no object" (unlabelled).
 
-Pairwise pointmap predictions use the exact dict layout returned by
-``dust3r.inference.inference()`` (see :func:`make_pairwise_predictions`).
+Pairwise pointmap predictions travel as :class:`PairwisePredictions` from the backends to the
+aligner; DUSt3R's ``inference()`` dict converts to and from it at the backend's edge.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -106,25 +106,137 @@ class AlignedScene:
         return np.isfinite(self.pts3d).all(-1) & (self.conf > 0)
 
 
-def make_pairwise_predictions(idx1, idx2, pts1, conf1, pts2_in_1, conf2, img1=None, img2=None):
-    """Build the dict that ``dust3r.inference.inference()`` returns.
+@dataclass
+class PairwisePredictions:
+    """Pairwise pointmap predictions: the one hand-over from a pointmap backend to the aligner.
 
-    idx1, idx2: length-E sequences of view indices (edge e = (idx1[e], idx2[e])).
-    pts1:       E x H x W x 3 pointmap of view idx1[e] in its own camera frame.
-    conf1:      E x H x W confidences of pts1.
-    pts2_in_1:  E x H x W x 3 pointmap of view idx2[e] expressed in the frame of idx1[e].
-    conf2:      E x H x W confidences of pts2_in_1.
-    Arrays may be numpy or torch; they are stored as given (DUSt3R stores torch tensors).
+    Edge ``e`` links the views ``idx1[e]`` and ``idx2[e]`` (positions in the keyframe list):
+
+    * ``pts1[e]`` (H, W, 3): pointmap of view ``idx1[e]`` in its own camera frame;
+    * ``pts2[e]`` (H, W, 3): pointmap of view ``idx2[e]`` expressed in the frame of ``idx1[e]``;
+    * ``conf1[e]``, ``conf2[e]`` (H, W): their confidences (>= 0; 0 = invalid; DUSt3R's
+      ``1 + exp(x)`` maps are accepted as they are).
+
+    Arrays are torch tensors or numpy arrays, stacked over edges (E, ...) or lists of per-edge
+    arrays when views differ in size. ``images`` (V, H, W, 3) uint8 RGB are the views at the
+    pointmaps' resolution (None when unknown); ``intrinsics`` (V, 3, 3) their pinhole K at that
+    resolution when known (None: estimated by the aligner); ``metric`` is True when the pointmaps
+    are in metres (depth cameras), False when each pair has its own unknown scale (networks,
+    two-view stereo). ``info`` carries backend diagnostics (registrations, timings, ...).
+
+    DUSt3R's ``inference()`` dict converts with :meth:`from_dust3r` / :meth:`to_dust3r`.
     """
-    view1 = {"idx": list(int(i) for i in idx1)}
-    view2 = {"idx": list(int(i) for i in idx2)}
-    if img1 is not None:
-        view1["img"] = img1
-    if img2 is not None:
-        view2["img"] = img2
-    return {
-        "view1": view1,
-        "view2": view2,
-        "pred1": {"pts3d": pts1, "conf": conf1},
-        "pred2": {"pts3d_in_other_view": pts2_in_1, "conf": conf2},
-    }
+
+    idx1: List[int]
+    idx2: List[int]
+    pts1: Any
+    conf1: Any
+    pts2: Any
+    conf2: Any
+    images: Optional[np.ndarray] = None
+    intrinsics: Optional[np.ndarray] = None
+    metric: bool = False
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.idx1 = [int(i) for i in _as_flat_list(self.idx1)]
+        self.idx2 = [int(i) for i in _as_flat_list(self.idx2)]
+        if len(self.idx1) != len(self.idx2):
+            raise ValueError(f"idx1 has {len(self.idx1)} entries, idx2 {len(self.idx2)}")
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.idx1)
+
+    @property
+    def num_views(self) -> int:
+        if self.images is not None:
+            return len(self.images)
+        return max(self.idx1 + self.idx2) + 1 if self.idx1 else 0
+
+    @property
+    def edges(self) -> List[Tuple[int, int]]:
+        return list(zip(self.idx1, self.idx2))
+
+    def camera_pointmaps(self) -> List[Tuple[Optional[np.ndarray], Optional[np.ndarray]]]:
+        """Per view: (pointmap in its own camera frame (H, W, 3) float32, valid (H, W) bool), from
+        the first edge in which the view is ``idx1``; (None, None) for a view never first."""
+        out: List = [(None, None)] * self.num_views
+        for e, i in enumerate(self.idx1):
+            if out[i][0] is None:
+                p, c = _to_numpy(self.pts1[e]), _to_numpy(self.conf1[e])
+                out[i] = (p.astype(np.float32), (c > 0) & np.isfinite(p).all(-1))
+        return out
+
+    @classmethod
+    def from_dust3r(cls, out: dict, images=None, intrinsics=None, metric: bool = False,
+                    info: Optional[dict] = None) -> "PairwisePredictions":
+        """From the dict of ``dust3r.inference.inference()``; ``images`` default to the dict's
+        ``view*['img']`` tensors ((E, 3, H, W) in [-1, 1]) when they are present."""
+        try:
+            v1, v2, p1, p2 = (out[k] for k in ("view1", "view2", "pred1", "pred2"))
+            pred = dict(idx1=v1["idx"], idx2=v2["idx"], pts1=p1["pts3d"], conf1=p1["conf"],
+                        pts2=p2["pts3d_in_other_view"], conf2=p2["conf"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError("not a dust3r inference() dict: it needs view1/view2['idx'], "
+                             "pred1['pts3d','conf'] and pred2['pts3d_in_other_view','conf']") from exc
+        self = cls(**pred, intrinsics=intrinsics, metric=metric, info=dict(info or {}))
+        self.images = images if images is not None else _images_from_views(v1, v2, self)
+        return self
+
+    def to_dust3r(self) -> dict:
+        """The ``dust3r.inference.inference()`` dict (images as (E, 3, H, W) in [-1, 1] when known)."""
+        v1, v2 = {"idx": list(self.idx1)}, {"idx": list(self.idx2)}
+        if self.images is not None:
+            import torch
+
+            imgs = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 127.5 - 1.0
+                    for im in self.images]
+            v1["img"] = torch.stack([imgs[i] for i in self.idx1]) if _same_shape(imgs) else [imgs[i] for i in self.idx1]
+            v2["img"] = torch.stack([imgs[j] for j in self.idx2]) if _same_shape(imgs) else [imgs[j] for j in self.idx2]
+        return {"view1": v1, "view2": v2, "pred1": {"pts3d": self.pts1, "conf": self.conf1},
+                "pred2": {"pts3d_in_other_view": self.pts2, "conf": self.conf2}}
+
+
+def _as_flat_list(x) -> list:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return list(np.asarray(x).reshape(-1))
+
+
+def _to_numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def _same_shape(arrays) -> bool:
+    return len({tuple(a.shape) for a in arrays}) <= 1
+
+
+def _images_from_views(view1: dict, view2: dict, pred: "PairwisePredictions") -> Optional[np.ndarray]:
+    """Per-view uint8 RGB from DUSt3R's ``view*['img']`` ((E, 3, H, W) in [-1, 1], or HWC), or
+    None when the dict carries no images (images are decoration: never fail on them)."""
+    V = pred.num_views
+    rgb: List[Optional[np.ndarray]] = [None] * V
+    for view, idx in ((view1, pred.idx1), (view2, pred.idx2)):
+        img = view.get("img") if isinstance(view, dict) else None
+        if img is None:
+            continue
+        try:
+            items = list(img) if isinstance(img, (list, tuple)) else [img[e] for e in range(len(idx))]
+            for e, v in enumerate(idx):
+                if rgb[v] is not None:
+                    continue
+                a = _to_numpy(items[e]).astype(np.float32)
+                if a.ndim == 4 and a.shape[0] == 1:
+                    a = a[0]
+                if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:  # CHW, DUSt3R: [-1, 1]
+                    a = np.transpose(a, (1, 2, 0))
+                    a = (a + 1.0) * 127.5 if a.min() < 0 or a.max() <= 1.0 else a
+                elif a.max() <= 1.0:
+                    a = a * 255.0
+                rgb[v] = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        except Exception:  # noqa: BLE001 - malformed decoration: leave the images unknown
+            return None
+    if any(r is None for r in rgb) or not _same_shape(rgb):
+        return None
+    return np.stack(rgb)

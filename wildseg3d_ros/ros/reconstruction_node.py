@@ -43,7 +43,8 @@ from std_srvs.srv import Trigger
 from ..core import cloud as corecloud
 from ..core import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
-from ..core.pipeline import PipelineCancelled, PipelineConfig, ReconstructionPipeline
+from ..core.errors import Cancelled
+from ..core.pipeline import PipelineConfig, ReconstructionPipeline
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)
@@ -548,8 +549,7 @@ class ReconstructionNode(NodeCommonMixin, Node):
         try:
             scene, timings = pipe.run(kfs, cancel=cancel.is_set, frame_id=frame)
         except Exception as e:
-            # PipelineCancelled, or BackendCancelled / SegmenterCancelled raised from inside a stage
-            if isinstance(e, PipelineCancelled) or cancel.is_set():
+            if isinstance(e, Cancelled) or cancel.is_set():
                 self._job_cancelled(cancel, gen, type(e).__name__)
                 return
             self.stats["reconstructions_failed"] += 1

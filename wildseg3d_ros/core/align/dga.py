@@ -19,13 +19,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..scene import AlignedScene
-from .init import (AlignmentCancelled, AlignmentError, batched_umeyama, estimate_focal,
-                   pixel_grid, spanning_tree_order)
+from ..scene import AlignedScene, PairwisePredictions
+from ..errors import AlignmentError, Cancelled
+from .init import batched_umeyama, estimate_focal, pixel_grid, spanning_tree_order
 from .matching import auto_stride, pair_matches
 from .weights import confidence_weights, dga_weights, transform_confidence
 
-__all__ = ["align_global", "AlignmentError", "AlignmentCancelled"]
+__all__ = ["align_global"]
 
 _RES_EPS = 1e-4       # IRLS floor on residuals (normalised scene units: median depth ~ 1)
 _MIN_DEPTH = 1e-4
@@ -59,30 +59,6 @@ def _as_tensor_list(x, n, name, device, trailing):
             raise AlignmentError(f"{name}: bad shape {tuple(t.shape)}")
         out.append(t)
     return out
-
-
-def _imgs_to_rgb(view, idx, shapes, V):
-    rgb = [np.zeros(shapes[v] + (3,), np.uint8) for v in range(V)]
-    img = view.get("img") if isinstance(view, dict) else None
-    if img is None:
-        return rgb
-    try:
-        items = list(img) if isinstance(img, (list, tuple)) else [img[e] for e in range(len(idx))]
-        for e, v in enumerate(idx):
-            a = items[e]
-            a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-            if a.ndim == 4 and a.shape[0] == 1:
-                a = a[0]
-            if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:  # CHW, DUSt3R: [-1, 1]
-                a = np.transpose(a, (1, 2, 0))
-                a = (a + 1.0) * 127.5 if a.min() < 0 or a.max() <= 1.0 else a
-            elif a.dtype != np.uint8 and a.max() <= 1.0:
-                a = a * 255.0
-            if a.shape[:2] == shapes[v]:
-                rgb[v] = np.clip(np.round(a), 0, 255).astype(np.uint8)
-    except Exception:  # images are only decoration here; never fail the alignment for them
-        pass
-    return rgb
 
 
 def _so3_exp(w):
@@ -119,7 +95,7 @@ def _parse_known(known, V, kind):
 # ------------------------------------------------------------------------------------------
 # main entry point
 # ------------------------------------------------------------------------------------------
-def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, known_poses=None,
+def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_poses=None,
                  known_focals=None, pose_prior_weight: float = float("inf"), weighting: str = "dga",
                  alpha_p: float = 0.5, alpha_n: float = 0.9, iterations: int = 500,
                  lr: float = 0.01, match_threshold: float = 0.03, device: str = "cpu",
@@ -130,9 +106,10 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
                  principal_points=None) -> AlignedScene:
     """Globally align DUSt3R-style pairwise pointmaps with Dynamic Global Aligning.
 
-    pairs: the dict of ``dust3r.inference.inference()`` (``view1/view2['idx']``,
-        ``pred1['pts3d','conf']``, ``pred2['pts3d_in_other_view','conf']``); torch or numpy,
-        stacked over pairs (E,H,W,3) or lists of per-pair arrays when image sizes differ.
+    pairs: :class:`~wildseg3d_ros.core.scene.PairwisePredictions`, or the dict of
+        ``dust3r.inference.inference()`` (converted with ``PairwisePredictions.from_dust3r``);
+        torch or numpy, stacked over pairs (E,H,W,3) or lists of per-pair arrays when image
+        sizes differ.
     soft_masks: per-view soft object masks S (V,H,W) in [0,1] (or a list); None -> S = 1.
     known_poses: (V,4,4) camera-to-world with NaN for unknown views, or {view: 4x4}.
         pose_prior_weight = inf (default) fixes the known poses; a finite value adds the penalty
@@ -144,7 +121,7 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     match_threshold: tau of the co-visibility test (relative to point distance), see matching.py.
     device: 'cpu' or 'cuda' (any torch device). seed: pixel-subsample seed (deterministic).
     progress(i, n, loss): called every iteration. cancel(): return True to abort
-        (raises AlignmentCancelled).
+        (raises errors.Cancelled).
     num_samples: pixels per view used while optimising poses / focals / pairwise similarities.
     conf_mode: 'auto' | 'log' | 'raw' (see weights.transform_confidence).
     principal_points: (V,2) or None -> known_focals' K (when given as matrices) or ((W-1)/2, (H-1)/2).
@@ -158,13 +135,14 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     dev = torch.device(device)
     if weighting not in ("dga", "confidence"):
         raise ValueError(f"weighting must be 'dga' or 'confidence', got {weighting!r}")
-    try:
-        view1, view2, pred1, pred2 = (pairs[k] for k in ("view1", "view2", "pred1", "pred2"))
-    except (KeyError, TypeError) as exc:
-        raise AlignmentError("pairs must be a dust3r inference() dict with view1/view2/pred1/pred2") from exc
-    idx1, idx2 = _as_index_list(view1["idx"]), _as_index_list(view2["idx"])
+    if not isinstance(pairs, PairwisePredictions):
+        try:
+            pairs = PairwisePredictions.from_dust3r(pairs)
+        except ValueError as exc:
+            raise AlignmentError(f"pairs must be PairwisePredictions or a dust3r inference() dict: {exc}") from exc
+    idx1, idx2 = pairs.idx1, pairs.idx2
     E = len(idx1)
-    if E == 0 or len(idx2) != E:
+    if E == 0:
         raise AlignmentError(f"need at least one pair with matching view1/view2 indices (got {E}, {len(idx2)})")
     edges = list(zip(idx1, idx2))
     if any(i == j for i, j in edges):
@@ -175,10 +153,10 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     if min(min(idx1), min(idx2)) < 0 or max(max(idx1), max(idx2)) >= V:
         raise AlignmentError(f"view indices must lie in [0, {V})")
 
-    X1 = _as_tensor_list(pred1["pts3d"], E, "pred1['pts3d']", dev, 1)
-    X2 = _as_tensor_list(pred2["pts3d_in_other_view"], E, "pred2['pts3d_in_other_view']", dev, 1)
-    C1 = _as_tensor_list(pred1["conf"], E, "pred1['conf']", dev, 0)
-    C2 = _as_tensor_list(pred2["conf"], E, "pred2['conf']", dev, 0)
+    X1 = _as_tensor_list(pairs.pts1, E, "pts1", dev, 1)
+    X2 = _as_tensor_list(pairs.pts2, E, "pts2", dev, 1)
+    C1 = _as_tensor_list(pairs.conf1, E, "conf1", dev, 0)
+    C2 = _as_tensor_list(pairs.conf2, E, "conf2", dev, 0)
     shapes = [None] * V
     for e, (i, j) in enumerate(edges):
         for v, X, C in ((i, X1[e], C1[e]), (j, X2[e], C2[e])):
@@ -226,7 +204,7 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     M1, M2 = [], []
     for e, (i, j) in enumerate(edges):
         if cancel is not None and cancel():  # matching is the longest stretch before the loop
-            raise AlignmentCancelled(f"alignment cancelled while matching pair {e}/{len(edges)}")
+            raise Cancelled(f"alignment cancelled while matching pair {e}/{len(edges)}")
         if weighting == "dga":
             st = match_stride or auto_stride(*shapes[i])
             m1, m2 = pair_matches(X1[e].cpu().numpy(), X2[e].cpu().numpy(),
@@ -290,7 +268,7 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     focal0 = np.zeros(V)
     for v in range(V):
         if cancel is not None and cancel():
-            raise AlignmentCancelled("alignment cancelled during initialisation")
+            raise Cancelled("alignment cancelled during initialisation")
         own = [e for e in range(E) if edges[e][0] == v]
         if own:
             e = max(own, key=lambda k: scores[k])
@@ -421,7 +399,7 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     n_it = int(iterations)
     for it in range(n_it):
         if cancel is not None and cancel():
-            raise AlignmentCancelled(f"alignment cancelled at iteration {it}/{n_it}")
+            raise Cancelled(f"alignment cancelled at iteration {it}/{n_it}")
         cur_lr = lr_min + (lr - lr_min) * (1 + math.cos(math.pi * it / max(n_it, 1))) / 2
         for gp in opt.param_groups:
             gp["lr"] = cur_lr
@@ -501,11 +479,9 @@ def align_global(pairs: dict, num_views: Optional[int] = None, soft_masks=None, 
     Ks[:, 0, 0] = Ks[:, 1, 1] = fv
     Ks[:, :2, 2] = pp
 
-    rgb = _imgs_to_rgb(view1, idx1, shapes, V)
-    rgb2 = _imgs_to_rgb(view2, idx2, shapes, V)
-    for v in range(V):
-        if not rgb[v].any() and rgb2[v].any():
-            rgb[v] = rgb2[v]
+    rgb = [np.zeros(shapes[v] + (3,), np.uint8) for v in range(V)]
+    if pairs.images is not None and len(pairs.images) == V:
+        rgb = [im if tuple(np.shape(im)[:2]) == shapes[v] else rgb[v] for v, im in enumerate(pairs.images)]
 
     def _stack(lst):
         try:

@@ -14,13 +14,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
-
-class AlignmentError(ValueError):
-    """The pairwise predictions cannot be aligned (degenerate input)."""
-
-
-class AlignmentCancelled(RuntimeError):
-    """``cancel()`` asked the alignment to stop."""
+from ..errors import AlignmentError
 
 
 def batched_umeyama(src, dst, w, with_scale: bool = True):

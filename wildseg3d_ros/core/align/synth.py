@@ -1,9 +1,9 @@
 """Synthetic DUSt3R-style pairwise predictions with ground truth (for tests and benchmarks).
 
 :func:`sphere_scene` ray-casts a tiny analytic scene (ground plane + spheres, vectorised) so the
-unit tests do not depend on the project renderer; :func:`make_pairs` turns any ground-truth
+unit tests do not depend on the project renderer; :func:`synthetic_predictions` turns any ground-truth
 depth maps / intrinsics / camera-to-world poses into the exact ``dust3r.inference.inference()``
-dict, with per-pair random scale and a small random rigid perturbation (DUSt3R predicts pair
+predictions (PairwisePredictions), with per-pair random scale and a small random rigid perturbation (DUSt3R predicts pair
 pointmaps in the first camera's frame up to an unknown scale), depth noise, and low-confidence
 outliers. Confidences follow DUSt3R's range (1 + exp(x) >= 1).
 """
@@ -15,7 +15,7 @@ from itertools import permutations
 import numpy as np
 import torch
 
-from ..scene import make_pairwise_predictions
+from ..scene import PairwisePredictions
 
 
 def _rotvec(v):
@@ -91,10 +91,10 @@ def backproject(depth, K):
     return np.stack([(u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth], -1)
 
 
-def make_pairs(depth, K, poses, edges=None, seed=0, scale_range=(0.5, 2.0), rot_deg=1.0,
+def synthetic_predictions(depth, K, poses, edges=None, seed=0, scale_range=(0.5, 2.0), rot_deg=1.0,
                trans_frac=0.01, noise=0.005, outlier_frac=0.0, outlier_scale=0.3,
                corrupt=None, as_torch=True, as_list=False):
-    """DUSt3R inference() dict from ground truth.
+    """Pairwise predictions (:class:`PairwisePredictions`, DUSt3R-like: per-pair scale) from ground truth.
 
     edges: list of (i, j) (default: all ordered pairs, the symmetrised complete graph).
     Each pair's two pointmaps (view i in camera i, view j in camera i) get the same random
@@ -143,5 +143,5 @@ def make_pairs(depth, K, poses, edges=None, seed=0, scale_range=(0.5, 2.0), rot_
     else:
         conv = (lambda x: torch.from_numpy(np.stack(x))) if as_torch else np.stack
         P1, P2, C1, C2 = (conv(L) for L in (P1, P2, C1, C2))
-    pairs = make_pairwise_predictions([e[0] for e in edges], [e[1] for e in edges], P1, C1, P2, C2)
+    pairs = PairwisePredictions([e[0] for e in edges], [e[1] for e in edges], P1, C1, P2, C2)
     return pairs, {"edges": edges, "sims": sims}

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import (BackendCancelled, BackendError, PointmapBackend, make_pairs,  # noqa: F401
-                   rgb_to_dust3r_img)
+from .base import BackendError, PointmapBackend, make_pairs  # noqa: F401
 
 _BACKENDS = {
     "rgbd": ("wildseg3d_ros.core.backends.rgbd", "RgbdBackend"),

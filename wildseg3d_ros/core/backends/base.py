@@ -1,14 +1,12 @@
 """Pointmap backend interface shared by every reconstruction backend.
 
 A backend turns a list of :class:`~wildseg3d_ros.core.scene.Keyframe` into *pairwise pointmap
-predictions* in the exact dict layout of ``dust3r.inference.inference()``::
+predictions*, a :class:`~wildseg3d_ros.core.scene.PairwisePredictions`: per edge ``(i, j)`` the
+pointmap of view ``i`` in its own frame and of view ``j`` in ``i``'s frame with confidences, the
+views' RGB images and intrinsics at the pointmaps' resolution, and whether the scale is metric.
+(DUSt3R's ``inference()`` dict converts with ``PairwisePredictions.from_dust3r``.)
 
-    {'view1': {'idx': [i_0, ..., i_E-1], 'img': (E, 3, H, W) float in [-1, 1], ...},
-     'view2': {'idx': [j_0, ..., j_E-1], 'img': (E, 3, H, W), ...},
-     'pred1': {'pts3d': (E, H, W, 3), 'conf': (E, H, W)},                 # view i in i's frame
-     'pred2': {'pts3d_in_other_view': (E, H, W, 3), 'conf': (E, H, W)}}   # view j in i's frame
-
-Tensors are ``torch.float32`` on the CPU.  ``idx`` values are **positions in the keyframe list**
+Tensors are ``torch.float32`` on the CPU.  Edge indices are **positions in the keyframe list**
 given to :meth:`PointmapBackend.predict_pairs` (as DUSt3R's ``load_images`` numbers its images),
 not ``Keyframe.index``.
 
@@ -21,7 +19,7 @@ scene graphs that ``dust3r.image_pairs.make_pairs`` builds (same edge sets, same
 * ``oneref-r``: view ``r`` against all others.
 
 ``progress(fraction, message)`` is an optional callback, ``cancel()`` an optional callable
-returning True when the caller wants the work aborted (then :class:`BackendCancelled` is raised).
+returning True when the caller wants the work aborted (then :class:`~wildseg3d_ros.core.errors.Cancelled` is raised).
 """
 from __future__ import annotations
 
@@ -30,29 +28,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..scene import Keyframe
+from ..scene import Keyframe, PairwisePredictions
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
+from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report  # noqa: F401
+
 Pair = Tuple[int, int]
 
 
-class BackendError(RuntimeError):
-    """A reconstruction backend cannot be created or cannot run (clear, user-facing message)."""
-
-
-class BackendCancelled(BackendError):
-    """Raised when ``cancel()`` returned True during a long operation."""
-
-
-def check_cancel(cancel: Optional[CancelFn]) -> None:
-    if cancel is not None and cancel():
-        raise BackendCancelled("reconstruction cancelled by the caller")
-
-
-def report(progress: Optional[ProgressFn], fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(float(min(max(fraction, 0.0), 1.0)), message)
 
 
 def _window_size(scene_graph: str, default: int = 3) -> int:
@@ -118,15 +100,6 @@ def make_pairs(n: int, scene_graph: str = "complete", symmetrize: bool = True) -
     return edges
 
 
-def rgb_to_dust3r_img(rgb: np.ndarray):
-    """(H, W, 3) uint8 -> (3, H, W) float32 torch tensor in [-1, 1] (DUSt3R's ``ImgNorm``)."""
-    import torch
-
-    a = np.ascontiguousarray(np.asarray(rgb)[..., :3])
-    t = torch.from_numpy(a).permute(2, 0, 1).float()
-    return t / 127.5 - 1.0
-
-
 class PointmapBackend(abc.ABC):
     """Produces DUSt3R-format pairwise pointmap predictions from keyframes."""
 
@@ -140,8 +113,8 @@ class PointmapBackend(abc.ABC):
     @abc.abstractmethod
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
                       progress: Optional[ProgressFn] = None,
-                      cancel: Optional[CancelFn] = None) -> dict:
-        """Pairwise predictions (DUSt3R ``inference()`` dict) for ``pairs`` of list positions."""
+                      cancel: Optional[CancelFn] = None) -> PairwisePredictions:
+        """Pairwise predictions for ``pairs`` of list positions (None: the backend's scene graph)."""
 
     @staticmethod
     def _check_pairs(n: int, pairs: Sequence[Pair]) -> List[Pair]:

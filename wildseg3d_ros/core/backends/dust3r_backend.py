@@ -23,7 +23,8 @@ Images are pre-processed like ``dust3r.utils.image.load_images`` (re-implemented
 arrays): ``size=512`` resizes the long side to 512 and centre-crops both sides to multiples of 16
 (4:3 for square inputs unless ``square_ok``); ``size=224`` resizes the short side to 224 and
 centre-crops a square.  The intrinsics of every keyframe are carried through the resize/crop
-(``last_K``), and the network-resolution RGB images are kept (``last_rgb``).
+(``last_K``, and ``PairwisePredictions.intrinsics``), and the network-resolution RGB images are
+kept (``last_rgb``, and ``PairwisePredictions.images``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..scene import Keyframe
+from ..scene import Keyframe, PairwisePredictions
 from .base import (BackendError, CancelFn, Pair, PointmapBackend, ProgressFn, check_cancel,
                    report)
 
@@ -354,7 +355,7 @@ class Dust3rBackend(PointmapBackend):
 
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
                       progress: Optional[ProgressFn] = None,
-                      cancel: Optional[CancelFn] = None) -> dict:
+                      cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         from dust3r.image_pairs import make_pairs as d3_make_pairs
 
         kfs = list(keyframes)
@@ -377,5 +378,5 @@ class Dust3rBackend(PointmapBackend):
         device = self._resolve_device()
         model = self.load()
         out = self._run(image_pairs, model, device, cancel, progress)
-        out.pop("loss", None)
-        return out
+        Ks = None if any(K is None for K in self.last_K) else np.stack(self.last_K)
+        return PairwisePredictions.from_dust3r(out, images=np.stack(self.last_rgb), intrinsics=Ks, metric=False)

@@ -29,8 +29,8 @@ on a textureless pair) the prior is used (``fallback_to_prior=True``), ICP-refin
 refinement improves the overlap and moves less than ``max_icp_correction``; without a prior a
 :class:`~wildseg3d_ros.core.backends.base.BackendError` explains the failure.
 
-The prediction for edge ``(i, j)`` is the DUSt3R layout: ``pred1.pts3d`` = pointmap of ``i`` in
-its own frame, ``pred2.pts3d_in_other_view`` = pointmap of ``j`` mapped into ``i``'s frame by
+The prediction for edge ``(i, j)`` (:class:`~wildseg3d_ros.core.scene.PairwisePredictions`, metric):
+``pts1`` = pointmap of ``i`` in its own frame, ``pts2`` = pointmap of ``j`` mapped into ``i``'s frame by
 ``T_ij`` (pose of camera ``j`` in camera ``i``: ``x_i = T_ij x_j``).  ``relative_poses`` and
 ``registrations`` keep the last run's results for diagnostics.
 """
@@ -43,9 +43,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
-from ..scene import Keyframe
+from ..scene import Keyframe, PairwisePredictions
 from .base import (BackendError, CancelFn, Pair, PointmapBackend, ProgressFn, check_cancel,
-                   report, rgb_to_dust3r_img)
+                   report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ class RgbdBackend(PointmapBackend):
     # -- public ------------------------------------------------------------------------------
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
                       progress: Optional[ProgressFn] = None,
-                      cancel: Optional[CancelFn] = None) -> dict:
+                      cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         import torch
 
         kfs = list(keyframes)
@@ -581,16 +581,13 @@ class RgbdBackend(PointmapBackend):
             conf1[e] = frames[i].conf
             pts2[e] = transform_points(T, frames[j].pts)
             conf2[e] = frames[j].conf
-        imgs = {v: rgb_to_dust3r_img(kfs[v].rgb) for v in used}
-        true_shape = torch.tensor([[H, W]] * E, dtype=torch.int32)
-        out = {
-            "view1": {"idx": [p[0] for p in pairs], "img": torch.stack([imgs[p[0]] for p in pairs]),
-                      "true_shape": true_shape, "instance": [str(p[0]) for p in pairs]},
-            "view2": {"idx": [p[1] for p in pairs], "img": torch.stack([imgs[p[1]] for p in pairs]),
-                      "true_shape": true_shape.clone(), "instance": [str(p[1]) for p in pairs]},
-            "pred1": {"pts3d": torch.from_numpy(pts1), "conf": torch.from_numpy(conf1)},
-            "pred2": {"pts3d_in_other_view": torch.from_numpy(pts2), "conf": torch.from_numpy(conf2)},
-        }
+        out = PairwisePredictions(
+            idx1=[p[0] for p in pairs], idx2=[p[1] for p in pairs],
+            pts1=torch.from_numpy(pts1), conf1=torch.from_numpy(conf1),
+            pts2=torch.from_numpy(pts2), conf2=torch.from_numpy(conf2),
+            images=np.stack([np.asarray(kf.rgb, np.uint8) for kf in kfs]),
+            intrinsics=np.stack([np.asarray(kf.K, np.float64) for kf in kfs]), metric=True,
+            info={"registrations": self.registration_summary(), "failed_pairs": dict(self.failed_pairs)})
         report(progress, 1.0, f"rgbd: {E} pairwise predictions")
         return out
 

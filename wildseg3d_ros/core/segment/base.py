@@ -13,7 +13,7 @@ Clicks are (N, 2) float arrays of pixel coordinates ``(u, v)`` with ``u`` = colu
 
 ``progress(fraction: float, message: str)`` is an optional callback; ``cancel()`` an optional
 callable returning True when the caller wants the work aborted (the backend then raises
-:class:`SegmenterCancelled`).
+:class:`~wildseg3d_ros.core.errors.Cancelled`).
 
 Backends are created by name with :func:`make_segmenter`:
 
@@ -31,16 +31,7 @@ import numpy as np
 
 from ..scene import MaskCache
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
-
-
-class SegmenterError(RuntimeError):
-    """A segmentation backend cannot be created or cannot run (clear, user-facing message)."""
-
-
-class SegmenterCancelled(SegmenterError):
-    """Raised by a backend when ``cancel()`` returned True during a long operation."""
+from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report  # noqa: F401
 
 
 def _empty_uv() -> np.ndarray:
@@ -55,16 +46,6 @@ def as_uv(uv) -> np.ndarray:
     if a.size == 0:
         return _empty_uv()
     return a.reshape(-1, 2)
-
-
-def check_cancel(cancel: Optional[CancelFn]) -> None:
-    if cancel is not None and cancel():
-        raise SegmenterCancelled("segmentation cancelled")
-
-
-def report(progress: Optional[ProgressFn], fraction: float, message: str = "") -> None:
-    if progress is not None:
-        progress(float(fraction), message)
 
 
 class Segmenter(abc.ABC):
