@@ -39,7 +39,7 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "wildseg3d = wildseg3d_ros.cli:main",
+            "wildseg3d = wildseg3d_ros.apps.cli:main",
             "reconstruction_node = wildseg3d_ros.ros.reconstruction_node:main",
             "segmentation_node = wildseg3d_ros.ros.segmentation_node:main",
             "camera_sim_node = wildseg3d_ros.ros.camera_sim_node:main",

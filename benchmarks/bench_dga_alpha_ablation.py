@@ -1,6 +1,6 @@
 """Shape of the WildSeg3D alpha ablation on synthetic scenes with ground truth.
 
-For each scene (rows; project renderer wildseg3d_ros.core.synthetic.render_sequence, seeds
+For each scene (rows; project renderer wildseg3d_ros.sim.tabletop.render_sequence, seeds
 --seed .. --seed+scenes-1) we build DUSt3R-format pairwise inputs (complete symmetrised graph)
 with per-pair random similarities, depth noise, low-confidence outliers and confident wrong
 "clutter" blocks (as in bench_dga_speed.py, with --clutter also covering object pixels), align them
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dga_speed import clutter_masks  # noqa: E402
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.core.align.synth import synthetic_predictions  # noqa: E402
+from wildseg3d_ros.sim.pairs import synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, project_points  # noqa: E402
-from wildseg3d_ros.core.synthetic import FIRST_OBJECT_ID, render_sequence  # noqa: E402
+from wildseg3d_ros.sim.tabletop import FIRST_OBJECT_ID, render_sequence  # noqa: E402
 
 ALPHAS = [-0.9, -0.5, 0.0, 0.5, 0.9]
 

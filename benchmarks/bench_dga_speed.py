@@ -1,7 +1,7 @@
 """Speed and accuracy of the project's global aligner (DGA) vs DUSt3R's PointCloudOptimizer.
 
 Measures, on identical DUSt3R-format pairwise inputs generated from the project's synthetic
-tabletop scenes (wildseg3d_ros.core.synthetic.render_sequence; complete symmetrised pair graph):
+tabletop scenes (wildseg3d_ros.sim.tabletop.render_sequence; complete symmetrised pair graph):
 wall time (including initialisation and matching), wall time / iteration, peak extra resident
 memory (CPU: VmHWM - VmRSS before the run; CUDA: max_memory_allocated), rotation error (deg) and
 camera-centre error (GT units, metres) after a Sim(3) fit of the camera centres
@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.core.align.synth import backproject, synthetic_predictions  # noqa: E402
+from wildseg3d_ros.sim.pairs import backproject, synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, umeyama  # noqa: E402
-from wildseg3d_ros.core.synthetic import render_sequence  # noqa: E402
+from wildseg3d_ros.sim.tabletop import render_sequence  # noqa: E402
 
 
 def _rss_kb(field):

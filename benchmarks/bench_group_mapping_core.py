@@ -1,6 +1,6 @@
 """Benchmark: Multi-view Group Mapping prompt latency (core only, no ROS).
 
-Scene: the embedded synthetic tabletop (wildseg3d_ros.core.synthetic), 5 views at 512 x 384,
+Scene: the embedded synthetic tabletop (wildseg3d_ros.sim.tabletop), 5 views at 512 x 384,
 ground-truth depth/poses as the aligned scene, mask cache from the ``classical`` segmenter.
 
 Measures
@@ -29,10 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wildseg3d_ros.core.geometry import depth_to_world  # noqa: E402
-from wildseg3d_ros.core.scene import AlignedScene  # noqa: E402
-from wildseg3d_ros.core.segment.classical import ClassicalSegmenter  # noqa: E402
-from wildseg3d_ros.core.segment.group_mapping import GroupMapper  # noqa: E402
-from wildseg3d_ros.core.synthetic import render_sequence  # noqa: E402
+from wildseg3d_ros.core.types import AlignedScene  # noqa: E402
+from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter  # noqa: E402
+from wildseg3d_ros.core.group_mapping import GroupMapper  # noqa: E402
+from wildseg3d_ros.sim.tabletop import render_sequence  # noqa: E402
 
 
 def naive_prompt(gm: GroupMapper, pts_all: np.ndarray, lab_all: np.ndarray, p: np.ndarray,

@@ -101,7 +101,7 @@ def main():
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import Image
 
-    from wildseg3d_ros.core import image_codec
+    from wildseg3d_ros.core.camera import image_codec
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.reconstruction_node import ReconstructionNode
 

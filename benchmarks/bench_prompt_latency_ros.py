@@ -34,9 +34,9 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 def build_scene(seed: int):
     from wildseg3d_ros.core.geometry import depth_to_world
-    from wildseg3d_ros.core.scene import AlignedScene
-    from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.core.types import AlignedScene
+    from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     s = render_sequence(n_views=5, width=512, height=384, seed=seed)
     pts = np.stack([depth_to_world(s.depth[v], s.K, s.poses[v]) for v in range(5)])
@@ -123,7 +123,7 @@ def main():
     import rclpy
 
     from ros_harness import click_point_on_object  # noqa: F401  (keeps the helper import path checked)
-    from wildseg3d_ros.core.cloud import pack_scene_cloud
+    from wildseg3d_ros.core.output.cloud import pack_scene_cloud
     from wildseg3d_ros.ros import convert
 
     t0 = time.perf_counter()

@@ -41,8 +41,8 @@ LOAD = r"""
 import sys, threading, time
 import numpy as np
 from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-from wildseg3d_ros.core.scene import Keyframe
-from wildseg3d_ros.core.synthetic import render_sequence
+from wildseg3d_ros.core.types import Keyframe
+from wildseg3d_ros.sim.tabletop import render_sequence
 
 s = render_sequence(n_views=5, width=512, height=384, seed=3)
 kfs = [Keyframe(v, float(v), s.rgb[v], s.K, depth=s.depth[v]) for v in range(5)]
@@ -115,7 +115,7 @@ def main():
 
     from bench_prompt_latency_ros import build_scene
     from ros_harness import Collector, spinning, wait_for
-    from wildseg3d_ros.core.cloud import pack_scene_cloud
+    from wildseg3d_ros.core.output.cloud import pack_scene_cloud
     from wildseg3d_ros.ros import convert
 
     s, scene = build_scene(0)

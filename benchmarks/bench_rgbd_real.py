@@ -32,11 +32,11 @@ def main():
     import torch
 
     torch.set_num_threads(2)
-    from wildseg3d_ros.core import bags
+    from wildseg3d_ros.core.camera import bags
     from wildseg3d_ros.core.geometry import depth_to_world, invert_pose, pose_errors
     from wildseg3d_ros.core.keyframes import pose_delta
     from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-    from wildseg3d_ros.core.scene import Keyframe
+    from wildseg3d_ros.core.types import Keyframe
 
     if not (bags.shared_data_dir() / "rgbd_room").is_dir():
         print(json.dumps({"skipped": f"{bags.shared_data_dir() / 'rgbd_room'} absent"}))

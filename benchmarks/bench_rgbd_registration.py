@@ -31,15 +31,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wildseg3d_ros.core.backends.rgbd import RgbdBackend, pose_delta  # noqa: E402
+from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, pose_delta  # noqa: E402
 from wildseg3d_ros.core.geometry import invert_pose, quat_xyzw_to_rot  # noqa: E402
-from wildseg3d_ros.core.scene import Keyframe  # noqa: E402
+from wildseg3d_ros.core.types import Keyframe  # noqa: E402
 
 ROOM = ROOT.parent / "shared" / "data" / "rgbd_room"
 
 
 def load_synthetic():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     s = render_sequence(n_views=5, width=640, height=480, seed=0)
     kfs = [Keyframe(v, float(v), s.rgb[v], s.K, s.depth[v]) for v in range(5)]

@@ -76,8 +76,8 @@ def main(argv=None):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from std_srvs.srv import Trigger
 
-    from wildseg3d_ros.core import synthetic
-    from wildseg3d_ros.core.scene_codec import scene_from_cloud_array
+    from wildseg3d_ros.sim import tabletop as synthetic
+    from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.reconstruction_node import ReconstructionNode
     from wildseg3d_ros.ros.segmentation_node import SegmentationNode

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core import bags
+from wildseg3d_ros.core.camera import bags
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
@@ -17,7 +17,7 @@ needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
 
 @pytest.fixture(scope="module")
 def seq():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     return render_sequence(n_views=3, width=160, height=120, seed=2)
 

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.segment.base import Segmenter, SegmenterError, make_segmenter
-from wildseg3d_ros.core.segment.classical import ClassicalSegmenter, geometric_edges, merge_average_linkage
+from wildseg3d_ros.core.presegment.base import Segmenter, SegmenterError, make_segmenter
+from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter, geometric_edges, merge_average_linkage
 
-synthetic = pytest.importorskip("wildseg3d_ros.core.synthetic")
+synthetic = pytest.importorskip("wildseg3d_ros.sim.tabletop")
 geometry = pytest.importorskip("wildseg3d_ros.core.geometry")
 
 W, H = 512, 384

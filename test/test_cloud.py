@@ -1,4 +1,4 @@
-"""PointCloud2 packing/unpacking (wildseg3d_ros.core.cloud)."""
+"""PointCloud2 packing/unpacking (wildseg3d_ros.core.output.cloud)."""
 import struct
 from types import SimpleNamespace
 
@@ -7,12 +7,8 @@ import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from wildseg3d_ros.core.cloud import (
-    CloudError, FieldSpec, FLOAT32, FLOAT64, UINT8, UINT32, INT32, UINT16,
-    cloud_from_bytes, cloud_layout, cloud_to_bytes, dtype_from_fields, fields_from_dtype,
-    labelled_cloud_dtype, object_cloud_dtype, pack_object_cloud, pack_points, pack_rgb,
-    pack_scene_cloud, scene_cloud_dtype, unpack_rgb, unpack_scene_cloud)
-from wildseg3d_ros.core.scene import AlignedScene, MaskCache
+from wildseg3d_ros.core.output.cloud import (CloudError, FieldSpec, FLOAT32, FLOAT64, UINT8, UINT32, INT32, UINT16, cloud_from_bytes, cloud_layout, cloud_to_bytes, dtype_from_fields, fields_from_dtype, labelled_cloud_dtype, object_cloud_dtype, pack_object_cloud, pack_points, pack_rgb, pack_scene_cloud, scene_cloud_dtype, unpack_rgb, unpack_scene_cloud)
+from wildseg3d_ros.core.types import AlignedScene, MaskCache
 
 
 def _scene(V=3, H=4, W=5, seed=0):

@@ -72,7 +72,7 @@ def test_merged_profile_is_consistent(profile):
         size = rec["dust3r.image_size"]
         assert f"_{size}_" in Path(rec["dust3r.checkpoint"]).name  # checkpoint trained at that size
     if rec["segmenter"] == "sam2":
-        from wildseg3d_ros.gpu_check import KNOWN_CHECKPOINTS
+        from wildseg3d_ros.apps.gpu_check import KNOWN_CHECKPOINTS
         ck = Path(rec["sam2.checkpoint"]).name
         assert KNOWN_CHECKPOINTS[ck]["config"] == rec["sam2.config"]
     if profile == "rgbd_cpu":

@@ -5,9 +5,9 @@ import torch
 
 from wildseg3d_ros.core.align import AlignmentError, align_global
 from wildseg3d_ros.core.errors import Cancelled
-from wildseg3d_ros.core.align.synth import sphere_scene, synthetic_predictions
+from wildseg3d_ros.sim.pairs import sphere_scene, synthetic_predictions
 from wildseg3d_ros.core.geometry import pose_errors, umeyama
-from wildseg3d_ros.core.scene import AlignedScene, PairwisePredictions
+from wildseg3d_ros.core.types import AlignedScene, PairwisePredictions
 
 ITERS = 100
 
@@ -42,7 +42,7 @@ def _pts_error(sc, sv):
     """Median world-point error after a Sim(3) fit (relative to median GT depth)."""
     gt = []
     for v in range(len(sv.depth)):
-        from wildseg3d_ros.core.align.synth import backproject
+        from wildseg3d_ros.sim.pairs import backproject
         gt.append(backproject(sv.depth[v], sv.K) @ sv.poses[v][:3, :3].T + sv.poses[v][:3, 3])
     gt = np.stack(gt).reshape(-1, 3)
     est = sc.pts3d.reshape(-1, 3).astype(np.float64)

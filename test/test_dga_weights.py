@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wildseg3d_ros.core.align import adaptive_weight, dga_weights, pair_matches, transform_confidence
-from wildseg3d_ros.core.align.synth import backproject, sphere_scene
+from wildseg3d_ros.sim.pairs import backproject, sphere_scene
 
 F = np.linspace(0.0, 1.0, 201)
 INNER = (F > 0) & (F < 1)

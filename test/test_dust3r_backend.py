@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from wildseg3d_ros.core.backends import BackendError
-from wildseg3d_ros.core.backends.dust3r_backend import (load_checkpoint, parse_model_spec,
-                                                         preprocess_image)
-from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.pointmaps import BackendError
+from wildseg3d_ros.core.pointmaps.dust3r import load_checkpoint, parse_model_spec, preprocess_image
+from wildseg3d_ros.core.types import Keyframe
 
 HAVE_DUST3R = importlib.util.find_spec("dust3r") is not None
 NEEDS_DUST3R = pytest.mark.skipif(not HAVE_DUST3R,
@@ -90,7 +89,7 @@ def test_preprocess_matches_load_images_geometry():
 
 @pytest.mark.skipif(HAVE_DUST3R, reason="dust3r is importable here")
 def test_missing_package_message():
-    from wildseg3d_ros.core.backends import make_backend
+    from wildseg3d_ros.core.pointmaps import make_backend
 
     with pytest.raises(BackendError, match="git clone --recursive https://github.com/naver/dust3r"):
         make_backend("dust3r", model=torch.nn.Linear(1, 1))
@@ -109,7 +108,7 @@ def _tiny_model():
 
 @NEEDS_DUST3R
 def test_tiny_random_model_inference_structure(tmp_path):
-    from wildseg3d_ros.core.backends import make_backend
+    from wildseg3d_ros.core.pointmaps import make_backend
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(1)
@@ -147,7 +146,7 @@ def test_tiny_random_model_inference_structure(tmp_path):
 
 
 def test_refuses_hub_names():
-    from wildseg3d_ros.core.backends import make_backend
+    from wildseg3d_ros.core.pointmaps import make_backend
 
     with pytest.raises(BackendError, match="never downloads"):
         make_backend("dust3r", model="naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")

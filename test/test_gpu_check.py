@@ -1,4 +1,4 @@
-"""`wildseg3d check-gpu` (wildseg3d_ros.gpu_check): missing pieces reported, exit codes, fake or
+"""`wildseg3d check-gpu` (wildseg3d_ros.apps.gpu_check): missing pieces reported, exit codes, fake or
 mismatching checkpoint files flagged, sha256 verification against a recorded hash."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wildseg3d_ros import gpu_check as gc
-from wildseg3d_ros.cli import build_parser
+from wildseg3d_ros.apps import gpu_check as gc
+from wildseg3d_ros.apps.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,9 +158,9 @@ def test_no_invented_hashes():
 
 def test_cli_subprocess_exit_code():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.cli", "check-gpu", "--profile", "rgbd_cpu",
+    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.apps.cli", "check-gpu", "--profile", "rgbd_cpu",
                         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.cli", "check-gpu", "--sam2-checkpoint",
+    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.apps.cli", "check-gpu", "--sam2-checkpoint",
                         "/nonexistent/sam2.1_hiera_tiny.pt"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1 and "does not exist" in p.stdout

@@ -4,11 +4,11 @@ import time
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.scene import AlignedScene
-from wildseg3d_ros.core.segment.group_mapping import GroupMapper, Segment3D, remove_floaters
-from wildseg3d_ros.core.segment.mask_cache import make_mask_cache
+from wildseg3d_ros.core.types import AlignedScene
+from wildseg3d_ros.core.group_mapping import GroupMapper, Segment3D, remove_floaters
+from wildseg3d_ros.core.mask_cache import make_mask_cache
 
-synthetic = pytest.importorskip("wildseg3d_ros.core.synthetic")
+synthetic = pytest.importorskip("wildseg3d_ros.sim.tabletop")
 geometry = pytest.importorskip("wildseg3d_ros.core.geometry")
 
 V, W, H = 5, 512, 384
@@ -25,7 +25,7 @@ def _scene(seed=0):
 
 @pytest.fixture(scope="module")
 def classical():
-    from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
+    from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter
     s, sc, valid = _scene(0)
     sc.mask_cache = ClassicalSegmenter().build_mask_cache(s.rgb, sc.pts3d, valid)
     return s, sc, valid, GroupMapper(sc)

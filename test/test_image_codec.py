@@ -1,4 +1,4 @@
-"""Tests for wildseg3d_ros.core.image_codec (ROS-free cv_bridge equivalents)."""
+"""Tests for wildseg3d_ros.core.camera.image_codec (ROS-free cv_bridge equivalents)."""
 import array
 import struct
 import zlib
@@ -9,17 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wildseg3d_ros.core.image_codec import (
-    ImageDecodeError,
-    bytes_per_pixel,
-    decode_compressed,
-    decode_depth,
-    decode_image,
-    encode_compressed,
-    encode_compressed_depth,
-    encode_image,
-    validate_camera_info,
-)
+from wildseg3d_ros.core.camera.image_codec import (ImageDecodeError, bytes_per_pixel, decode_compressed, decode_depth, decode_image, encode_compressed, encode_compressed_depth, encode_image, validate_camera_info)
 
 RNG = np.random.default_rng(1234)
 COLOR = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"]

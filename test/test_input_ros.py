@@ -20,7 +20,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 
-from wildseg3d_ros.core import image_codec  # noqa: E402
+from wildseg3d_ros.core.camera import image_codec  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 
 W, H = 320, 240
@@ -37,7 +37,7 @@ def processed(node) -> int:
 
 @pytest.fixture(scope="module")
 def seq():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     return render_sequence(n_views=4, width=W, height=H, seed=1)
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from wildseg3d_ros.core.geometry import depth_to_world
-from wildseg3d_ros.core.scene import AlignedScene, MaskCache
-from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
-from wildseg3d_ros.core.segment.group_mapping import GroupMapper
-from wildseg3d_ros.core.segment.interactive import (InteractiveSession, PromptError,
-                                                    propagate_mask)
-from wildseg3d_ros.core.segment.mask_cache import build_soft_masks, object_table
-from wildseg3d_ros.core.synthetic import render_sequence
+from wildseg3d_ros.core.types import AlignedScene, MaskCache
+from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter
+from wildseg3d_ros.core.group_mapping import GroupMapper
+from wildseg3d_ros.core.prompts.session import InteractiveSession, PromptError, propagate_mask
+from wildseg3d_ros.core.mask_cache import build_soft_masks, object_table
+from wildseg3d_ros.sim.tabletop import render_sequence
 
 V, W, H = 5, 256, 192
 
@@ -236,7 +235,7 @@ def test_propagate_mask_by_reprojection(data):
         # reference: share of the object's pixels in other views whose 3D point lies within one
         # pixel spacing of a point view `src` sees (what reprojection can recover at best)
         from scipy.spatial import cKDTree
-        from wildseg3d_ros.core.segment.interactive import pixel_spacing
+        from wildseg3d_ros.core.prompts.session import pixel_spacing
         d, _ = cKDTree(pts[src][m]).query(pts[others][gt])
         reachable = float((d < pixel_spacing(pts[src], valid[src], m)).mean())
         assert prec > 0.97, (obj, prec)

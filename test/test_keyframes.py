@@ -13,7 +13,7 @@ from wildseg3d_ros.core.keyframes import (
     pose_delta,
     sharpness,
 )
-from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.types import Keyframe
 
 H, W = 240, 320
 K = np.array([[300.0, 0, W / 2], [0, 300.0, H / 2], [0, 0, 1]])

@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.segment.mask_cache import (associate_masks_3d, build_soft_masks,
-                                                   make_mask_cache, mask_iou_table, object_table)
+from wildseg3d_ros.core.mask_cache import (associate_masks_3d, build_soft_masks, make_mask_cache, mask_iou_table, object_table)
 
-synthetic = pytest.importorskip("wildseg3d_ros.core.synthetic")
+synthetic = pytest.importorskip("wildseg3d_ros.sim.tabletop")
 geometry = pytest.importorskip("wildseg3d_ros.core.geometry")
 
 V, W, H = 5, 512, 384
@@ -21,7 +20,7 @@ def seq():
 
 @pytest.fixture(scope="module")
 def classical_cache(seq):
-    from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
+    from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter
     s, pts, valid = seq
     return ClassicalSegmenter().build_mask_cache(s.rgb, pts, valid)
 

@@ -1,4 +1,4 @@
-"""`wildseg3d segment` (wildseg3d_ros.offline): image folders, rosbag2 (sqlite3 and mcap, written
+"""`wildseg3d segment` (wildseg3d_ros.apps.offline): image folders, rosbag2 (sqlite3 and mcap, written
 here with `rosbags`), the real Kinect frames of ../shared/data/rgbd_room, and the CLI itself.
 
 The synthetic scene is rendered at 256x192 (at 160x120 the RGB-D registration finds too few
@@ -20,13 +20,13 @@ import cv2
 import numpy as np
 import pytest
 
-from wildseg3d_ros.cli import build_parser
-from wildseg3d_ros.core.evaluation import match_frames, segment_iou_per_view
+from wildseg3d_ros.apps.cli import build_parser
+from wildseg3d_ros.eval.metrics import match_frames, segment_iou_per_view
 from wildseg3d_ros.core.geometry import pose_from_xyz_quat, rot_to_quat_xyzw
-from wildseg3d_ros.core.image_codec import encode_compressed
-from wildseg3d_ros.core.ply import read_ply
-from wildseg3d_ros.core.synthetic import render_sequence
-from wildseg3d_ros.offline import BagSource, ImageFolderSource, run_segment
+from wildseg3d_ros.core.camera.image_codec import encode_compressed
+from wildseg3d_ros.core.output.ply import read_ply
+from wildseg3d_ros.sim.tabletop import render_sequence
+from wildseg3d_ros.apps.offline import BagSource, ImageFolderSource, run_segment
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -237,7 +237,7 @@ def test_mcap_bag_decoding_matches_source(seq, tmp_path):
                              quiet=True).frames([0, 2]))
         assert [f.index for f in sub] == [0, 4]
     # an explicit wrong topic is a clear error listing the bag's topics
-    from wildseg3d_ros.offline import InputError
+    from wildseg3d_ros.apps.offline import InputError
     with pytest.raises(InputError, match="not in the bag.*camera_info"):
         BagSource(bag, "/nope", None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1, quiet=True)
 
@@ -261,7 +261,7 @@ def test_rgb_only_input_needs_dust3r(seq, tmp_path):
             if c.id in conns:
                 w.write(conns[c.id], t, raw)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.cli", "segment", "--input", str(out_bag),
+    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.apps.cli", "segment", "--input", str(out_bag),
                         "--click", "0:10,10", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr
@@ -271,7 +271,7 @@ def test_rgb_only_input_needs_dust3r(seq, tmp_path):
 
 def test_segment_help_documents_every_option():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.cli", "segment", "--help"],
+    p = subprocess.run([sys.executable, "-m", "wildseg3d_ros.apps.cli", "segment", "--help"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0
     for opt in ("--input", "--image-topic", "--depth-topic", "--camera-info-topic", "--pose-topic",
@@ -341,7 +341,7 @@ def test_rgbd_room_mcap_bag(tmp_path):
 def test_video_sampling_and_uniform_selection(seq, tmp_path):
     """A video (OpenCV, MJPG .avi): --every K keeps frames 0, K, 2K...; uniform selection picks
     evenly spaced ones; without intrinsics a 60-degree field of view is assumed."""
-    from wildseg3d_ros.offline import VideoSource, guess_K, select_keyframes
+    from wildseg3d_ros.apps.offline import VideoSource, guess_K, select_keyframes
     path = tmp_path / "clip.avi"
     wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (W, H))
     if not wr.isOpened():
@@ -370,7 +370,7 @@ def test_dust3r_resolution_mapping_of_frames_and_clicks(seq):
     """For the dust3r backend the keyframes are brought to the network resolution (load_images'
     resize + crop, K adjusted) before the pipeline, and clicks follow: a click on an input pixel
     lands on the same scene point (checked through the adjusted K with the ground-truth depth)."""
-    from wildseg3d_ros.offline import Frame, _to_network_resolution
+    from wildseg3d_ros.apps.offline import Frame, _to_network_resolution
     big = render_sequence(2, 640, 480, seed=0)
     frames = [Frame(i, float(i), big.rgb[i].copy(), big.K.copy(), big.depth[i].copy()) for i in range(2)]
     maps = _to_network_resolution(frames, 512)

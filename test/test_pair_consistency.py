@@ -2,10 +2,10 @@
 must not reach the aligner)."""
 import numpy as np
 
-from wildseg3d_ros.core import synthetic
-from wildseg3d_ros.core.backends.rgbd import PairRegistration, RgbdBackend, _connected
+from wildseg3d_ros.sim import tabletop as synthetic
+from wildseg3d_ros.core.pointmaps.rgbd import PairRegistration, RgbdBackend, _connected
 from wildseg3d_ros.core.geometry import invert_pose, pose_from_xyz_quat, rotation_angle_deg
-from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.types import Keyframe
 
 
 def _regs(poses, pairs, rmse=1e-3):

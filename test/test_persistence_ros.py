@@ -35,8 +35,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, start_process, stop_process, wait_for  # noqa: E402,E501
-from wildseg3d_ros.core import store  # noqa: E402
-from wildseg3d_ros.core.scene_codec import scene_from_cloud_array  # noqa: E402
+from wildseg3d_ros.core.output import store  # noqa: E402
+from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -75,7 +75,7 @@ def _diag_value(col, node_name, key):
 
 
 def test_sigkill_mid_reconstruction_then_restore_bit_identical(ros, tmp_path):
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
     seq = render_sequence(n_views=N, width=W, height=H, seed=5)
     sdir = tmp_path / "scenes"
     rec_args = [_script("reconstruction_node"), "--ros-args", "-p", f"scene_dir:={sdir}",
@@ -215,9 +215,9 @@ def test_corrupt_or_foreign_saved_files_are_refused_node_stays_up(ros, tmp_path)
         time.sleep(0.3)
         assert not scenes.nonempty()
         # the segmentation node refuses the foreign session when a scene arrives and stays up
-        from wildseg3d_ros.core import cloud as corecloud
-        from wildseg3d_ros.core.synthetic import render_sequence
-        from wildseg3d_ros.core.scene import AlignedScene, MaskCache
+        from wildseg3d_ros.core.output import cloud as corecloud
+        from wildseg3d_ros.sim.tabletop import render_sequence
+        from wildseg3d_ros.core.types import AlignedScene, MaskCache
         sq = render_sequence(n_views=2, width=64, height=48, seed=1)
         from wildseg3d_ros.core.geometry import transform_points
         pts = np.stack([transform_points(sq.poses[v], _backproject(sq.depth[v], sq.K)) for v in range(2)])

@@ -1,11 +1,10 @@
-"""PLY writer/reader and the demo montage (wildseg3d_ros.core.ply / .montage)."""
+"""PLY writer/reader and the demo montage (wildseg3d_ros.core.output.ply / .montage)."""
 import cv2
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.montage import (CONTOUR, LABEL_H, TINT, default_render_camera,
-                                        make_montage, render_points)
-from wildseg3d_ros.core.ply import PlyError, read_ply, write_ply
+from wildseg3d_ros.core.output.montage import (CONTOUR, LABEL_H, TINT, default_render_camera, make_montage, render_points)
+from wildseg3d_ros.core.output.ply import PlyError, read_ply, write_ply
 
 
 # ------------------------------------------------------------------------------------ PLY

@@ -20,11 +20,11 @@ import pytest
 from ros_harness import SpinThread, wait_for as _harness_wait_for
 import torch
 
-from wildseg3d_ros.core import bags
+from wildseg3d_ros.core.camera import bags
 from wildseg3d_ros.core.geometry import depth_to_world, invert_pose, pose_errors
 from wildseg3d_ros.core.keyframes import KeyframeBuffer, pose_delta
 from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.types import Keyframe
 from wildseg3d_ros.ros import convert
 
 torch.set_num_threads(1)
@@ -270,7 +270,7 @@ def test_dust3r_scene_publication_from_bag():  # pragma: no cover - needs dust3r
 # (c) synthetic scene with ground truth
 @pytest.fixture(scope="module")
 def syn():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     return render_sequence(n_views=4, width=320, height=240, seed=0)
 

@@ -90,15 +90,15 @@ def flood_fill(rgb: np.ndarray, uv, tol: int = 20) -> np.ndarray:
 def segmenter_single_linkage():
     """The ablation baseline: the classical segmenter with single-linkage colour merging (the
     union of close atom pairs, as the geometric path merges), at its former colour threshold."""
-    from wildseg3d_ros.core.segment.classical import ClassicalSegmenter
+    from wildseg3d_ros.core.presegment.classical import ClassicalSegmenter
     return ClassicalSegmenter(color_linkage="single", color_thresh_nogeo=8.0)
 
 
 def temple_results(segmenter=None):
     """Per view: dict(name, click, gt_frac, iou, precision, recall, seconds, flood_iou,
     single_linkage_iou, auto_iou, whole_iou, bbox_click_in_gt)."""
-    from wildseg3d_ros.core import bags
-    from wildseg3d_ros.core.segment.base import make_segmenter
+    from wildseg3d_ros.core.camera import bags
+    from wildseg3d_ros.core.presegment.base import make_segmenter
 
     d = bags.load_middlebury_temple()
     seg = segmenter if segmenter is not None else make_segmenter("classical")
@@ -131,9 +131,9 @@ def temple_check(ious, precs, min_mean_iou=0.85, min_median_prec=0.9):
 
 def room_scene():
     """rgbd_room at 320x240 reconstructed without poses; returns (scene, SLAM data, timings)."""
-    from wildseg3d_ros.core import bags
+    from wildseg3d_ros.core.camera import bags
     from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-    from wildseg3d_ros.core.scene import Keyframe
+    from wildseg3d_ros.core.types import Keyframe
 
     d = bags.resize_data(bags.load_rgbd_room(), *ROOM_SIZE)
     kfs = [Keyframe(v, float(v), d.rgb[v], d.K, depth=d.depth[v]) for v in range(len(d.rgb))]
@@ -180,8 +180,8 @@ def robust_extent(points, lo=2.0, hi=98.0):
 
 def room_results(scene=None):
     """One click -> 3D segment with MGM (consistency on) and without (baseline)."""
-    from wildseg3d_ros.core.segment.group_mapping import GroupMapper
-    from wildseg3d_ros.core.segment.interactive import InteractiveSession
+    from wildseg3d_ros.core.group_mapping import GroupMapper
+    from wildseg3d_ros.core.prompts.session import InteractiveSession
 
     timings = {}
     if scene is None:
@@ -256,7 +256,7 @@ def test_temple_one_click_iou(temple):
 @needs_shared
 def test_temple_check_rejects_wrong_masks(temple):
     """The acceptance rule fails for the whole image, an empty mask, and the background."""
-    from wildseg3d_ros.core import bags
+    from wildseg3d_ros.core.camera import bags
 
     d = bags.load_middlebury_temple()
     gts = [temple_pseudo_gt(im) for im in d.rgb]

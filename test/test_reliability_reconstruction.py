@@ -65,7 +65,7 @@ def processed(node) -> int:
 
 @pytest.fixture(scope="module")
 def seq():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
     return render_sequence(n_views=5, width=W, height=H, seed=3)
 
 
@@ -371,8 +371,8 @@ def test_cancel_reaches_backend_aligner_and_segmenter():
     """The cancel callable is passed to every stage: cancelling at the first check inside a stage
     raises a cancellation at once (the gaps between checks are measured by the soak benchmark)."""
     from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-    from wildseg3d_ros.core.scene import Keyframe
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.core.types import Keyframe
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     sq = render_sequence(n_views=3, width=64, height=48, seed=2)
     kfs = [Keyframe(index=i, stamp=float(i), rgb=sq.rgb[i], K=sq.K, depth=sq.depth[i], pose_prior=sq.poses[i])

@@ -21,7 +21,7 @@ from sensor_msgs.msg import PointCloud2  # noqa: E402
 
 from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, wait_for  # noqa: E402
 from test_reliability_reconstruction import RecordingLogger  # noqa: E402
-from wildseg3d_ros.core import cloud as corecloud  # noqa: E402
+from wildseg3d_ros.core.output import cloud as corecloud  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
 
@@ -33,8 +33,8 @@ W, H, V = 96, 72, 3
 @pytest.fixture(scope="module")
 def built():
     from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
-    from wildseg3d_ros.core.scene import Keyframe
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.core.types import Keyframe
+    from wildseg3d_ros.sim.tabletop import render_sequence
     seq = render_sequence(n_views=V, width=W, height=H, seed=4)
     kfs = [Keyframe(index=i, stamp=float(i), rgb=seq.rgb[i], K=seq.K, depth=seq.depth[i], pose_prior=seq.poses[i])
            for i in range(V)]

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from wildseg3d_ros.core.backends import BackendError, make_backend, make_pairs
+from wildseg3d_ros.core.pointmaps import BackendError, make_backend, make_pairs
 from wildseg3d_ros.core.errors import Cancelled
-from wildseg3d_ros.core.backends.rgbd import RgbdBackend, depth_confidence, pose_delta
+from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, depth_confidence, pose_delta
 from wildseg3d_ros.core.geometry import backproject_depth, invert_pose, quat_xyzw_to_rot, transform_points
-from wildseg3d_ros.core.scene import Keyframe
+from wildseg3d_ros.core.types import Keyframe
 
 ROOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd_room"
 
 
 @pytest.fixture(scope="module")
 def seq():
-    from wildseg3d_ros.core.synthetic import render_sequence
+    from wildseg3d_ros.sim.tabletop import render_sequence
 
     return render_sequence(n_views=5, width=320, height=240, seed=0)
 

@@ -28,9 +28,9 @@ from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
 from ros_harness import (Collector, call_trigger, click_point_on_object, spinning, start_process,  # noqa: E402
                          stop_process, wait_for)
-from wildseg3d_ros.core.cloud import unpack_rgb  # noqa: E402
-from wildseg3d_ros.core.evaluation import match_frames, segment_iou_per_view  # noqa: E402
-from wildseg3d_ros.core.scene_codec import scene_from_cloud_array  # noqa: E402
+from wildseg3d_ros.core.output.cloud import unpack_rgb  # noqa: E402
+from wildseg3d_ros.eval.metrics import match_frames, segment_iou_per_view  # noqa: E402
+from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -235,7 +235,7 @@ def test_console_scripts_as_separate_processes(ros, tmp_path):
             assert ok, f"no scene from the reconstruction_node process; logs: {logs}"
             msg = scenes.nonempty()[-1]
             scene = scene_from_cloud_array(convert.cloud_to_struct(msg), msg.header.frame_id)
-            from wildseg3d_ros.core import synthetic
+            from wildseg3d_ros.sim import tabletop as synthetic
             seq = synthetic.render_sequence(n_views=FRAMES, width=W, height=H, seed=0)
             gt = seq.instance[match_frames(scene.rgb, seq.rgb)]
             target = max(seq.scene.object_ids, key=lambda o: (gt[0] == o).sum())

@@ -13,9 +13,9 @@ pytest.importorskip("sam2", reason="sam2 package not installed (SAM2_BUILD_CUDA=
 torch = pytest.importorskip("torch")
 
 from wildseg3d_ros.core.geometry import depth_to_world  # noqa: E402
-from wildseg3d_ros.core.segment.base import SegmenterError, make_segmenter  # noqa: E402
-from wildseg3d_ros.core.segment.sam2_backend import Sam2Segmenter  # noqa: E402
-from wildseg3d_ros.core.synthetic import render_sequence  # noqa: E402
+from wildseg3d_ros.core.presegment.base import SegmenterError, make_segmenter  # noqa: E402
+from wildseg3d_ros.core.presegment.sam2 import Sam2Segmenter  # noqa: E402
+from wildseg3d_ros.sim.tabletop import render_sequence  # noqa: E402
 
 W, H, V = 128, 96, 4
 SAM_KW = dict(random_init=True, device="cpu", image_size=128, points_per_side=4,
@@ -200,9 +200,9 @@ def test_sam2_through_interactive_session_three_rounds(seg, seq, monkeypatch):
     """The SAM2 path end to end: mask cache -> GroupMapper -> first click -> 3 refinement rounds.
     Checks the data flow (prior = previous masks, refined mask lands in the clicked view, MGM
     keeps only pixels of the propagated masks), not mask quality (random weights)."""
-    from wildseg3d_ros.core.scene import AlignedScene
-    from wildseg3d_ros.core.segment.group_mapping import GroupMapper
-    from wildseg3d_ros.core.segment.interactive import InteractiveSession, PromptError
+    from wildseg3d_ros.core.types import AlignedScene
+    from wildseg3d_ros.core.group_mapping import GroupMapper
+    from wildseg3d_ros.core.prompts.session import InteractiveSession, PromptError
 
     s, pts, valid = seq
     mc = seg.build_mask_cache(s.rgb, pts, valid)

@@ -1,4 +1,4 @@
-"""Atomic scene / session persistence (wildseg3d_ros.core.store)."""
+"""Atomic scene / session persistence (wildseg3d_ros.core.output.store)."""
 import json
 import os
 import zipfile
@@ -6,10 +6,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core import store
-from wildseg3d_ros.core.scene import AlignedScene, Keyframe, MaskCache
-from wildseg3d_ros.core.store import (StoreError, latest_path, load_latest, load_scene,
-                                      load_session, save_scene, save_session)
+from wildseg3d_ros.core.output import store
+from wildseg3d_ros.core.types import AlignedScene, Keyframe, MaskCache
+from wildseg3d_ros.core.output.store import (StoreError, latest_path, load_latest, load_scene, load_session, save_scene, save_session)
 
 
 def _scene(seed=0, V=3, H=6, W=8):

@@ -1,10 +1,10 @@
-"""Tests for the embedded synthetic tabletop scene (wildseg3d_ros.core.synthetic)."""
+"""Tests for the embedded synthetic tabletop scene (wildseg3d_ros.sim.tabletop)."""
 import time
 
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core import synthetic as S
+from wildseg3d_ros.sim import tabletop as S
 
 W, H = 640, 480
 

@@ -36,7 +36,7 @@ counting the new frame) of the dropped keyframe.
 Cost: the ROS callback should only store the latest frame (optionally after
 :meth:`KeyframeBuffer.cheap_reject`, which is lock-free and never touches pixels); ``offer`` runs
 on a worker and works on a downsampled copy. Accepted frames are copied (the caller may reuse
-its arrays). :meth:`KeyframeBuffer.keyframes` returns :class:`~wildseg3d_ros.core.scene.Keyframe`
+its arrays). :meth:`KeyframeBuffer.keyframes` returns :class:`~wildseg3d_ros.core.types.Keyframe`
 objects that share the stored arrays: treat them as read-only.
 """
 from __future__ import annotations
@@ -50,8 +50,8 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .image_codec import ImageDecodeError, validate_camera_info
-from .scene import Keyframe
+from .camera.image_codec import ImageDecodeError, validate_camera_info
+from .types import Keyframe
 
 __all__ = ["KeyframePolicy", "KeyframeBuffer", "sharpness", "pose_delta", "image_flow"]
 

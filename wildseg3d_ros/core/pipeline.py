@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import AlignmentError, PipelineError, check_cancel
 from .geometry import apply_sim3_to_poses, invert_pose, transform_points, umeyama
-from .scene import AlignedScene, Keyframe
+from .types import AlignedScene, Keyframe
 
 
 @dataclass
@@ -45,8 +45,8 @@ class ReconstructionPipeline:
     """Builds the backend and segmenter once (model loading is slow) and runs reconstructions."""
 
     def __init__(self, cfg: PipelineConfig):
-        from .backends import make_backend
-        from .segment.base import make_segmenter
+        from .pointmaps import make_backend
+        from .presegment.base import make_segmenter
 
         self.cfg = cfg
         bkw = dict(cfg.backend_kwargs)
@@ -60,7 +60,7 @@ class ReconstructionPipeline:
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
         """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / errors.Cancelled."""
         from .align import align_global
-        from .segment.mask_cache import build_soft_masks
+        from .mask_cache import build_soft_masks
 
         cfg = self.cfg
         kfs = list(keyframes)

@@ -9,7 +9,7 @@ as fast as possible). Two ways of publishing:
 * ``mode='raw'`` (default): the CDR bytes stored in the bag are published unchanged
   (``Publisher.publish(bytes)``), exactly what ``ros2 bag play`` does; any message type whose
   Python package is importable works.
-* ``mode='numpy'``: each message is decoded to numpy (:func:`wildseg3d_ros.core.bags.read_bag`)
+* ``mode='numpy'``: each message is decoded to numpy (:func:`wildseg3d_ros.core.camera.bags.read_bag`)
   and rebuilt with :mod:`wildseg3d_ros.ros.convert` (``array_to_image``, ``make_camera_info``,
   ``matrix_to_pose``); colour images are republished in ``encoding`` (default: as recorded,
   padding removed), depth as recorded (16UC1 or 32FC1), compressed images keep their bytes.
@@ -29,7 +29,7 @@ from typing import Dict, Optional
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..core import bags
+from ..core.camera import bags
 from . import convert
 
 #: reliable, keep last 10: matches reliable and best-effort (sensor-data) subscribers alike
@@ -51,7 +51,7 @@ def message_class(msgtype: str):
 
 
 def to_ros_message(m: "bags.BagMessage", encoding: Optional[str] = None, stamp=None):
-    """rclpy message rebuilt from a decoded :class:`~wildseg3d_ros.core.bags.BagMessage`
+    """rclpy message rebuilt from a decoded :class:`~wildseg3d_ros.core.camera.bags.BagMessage`
     (numpy path); None for types this module does not rebuild."""
     from geometry_msgs.msg import PoseStamped
     from nav_msgs.msg import Odometry

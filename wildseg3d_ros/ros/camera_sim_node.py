@@ -13,7 +13,7 @@ from nav_msgs.msg import Odometry
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
-from ..core import synthetic
+from ..sim import tabletop as synthetic
 from . import convert
 from .params import ParamSpec, ParameterTable
 

@@ -16,8 +16,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, Poi
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from ..core import cloud as corecloud
-from ..core import image_codec
+from ..core.output import cloud as corecloud
+from ..core.camera import image_codec
 from ..core.geometry import pose_from_xyz_quat, rot_to_quat_xyzw
 
 # ----------------------------------------------------------------------------------------- QoS

@@ -40,8 +40,8 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 
-from ..core import cloud as corecloud
-from ..core import store
+from ..core.output import cloud as corecloud
+from ..core.output import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 from ..core.errors import Cancelled
 from ..core.pipeline import PipelineConfig, ReconstructionPipeline

@@ -49,9 +49,9 @@ from sensor_msgs.msg import PointCloud2
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from ..core import cloud as corecloud
-from ..core import store
-from ..core.scene_codec import SceneDecodeError, scene_from_cloud_array
+from ..core.output import cloud as corecloud
+from ..core.output import store
+from ..core.output.scene_codec import SceneDecodeError, scene_from_cloud_array
 from . import convert
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
 from .memory import release_free_heap
@@ -195,7 +195,7 @@ class SegmentationNode(NodeCommonMixin, Node):
 
     def _get_segmenter(self):
         if self._segmenter is None and not self._segmenter_error:
-            from ..core.segment.base import make_segmenter
+            from ..core.presegment.base import make_segmenter
             try:
                 name = self.params["segmenter"]
                 kw = {}
@@ -209,8 +209,8 @@ class SegmentationNode(NodeCommonMixin, Node):
         return self._segmenter
 
     def _build_session(self, scene):
-        from ..core.segment.group_mapping import GroupMapper
-        from ..core.segment.interactive import InteractiveSession
+        from ..core.group_mapping import GroupMapper
+        from ..core.prompts.session import InteractiveSession
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
                              min_agree_frac=self.params["mgm.min_consistency"])
         return InteractiveSession(scene, mapper, self._get_segmenter(),
@@ -361,7 +361,7 @@ class SegmentationNode(NodeCommonMixin, Node):
     def _apply_prompt(self, kind, data, positive, new_object, t_recv: Optional[float]) -> bool:
         """Apply one prompt (scene-frame point or keyframe pixel) to the session, log it and
         publish. t_recv None = replay (no latency statistics, publish left to the caller)."""
-        from ..core.segment.interactive import PromptError
+        from ..core.prompts.session import PromptError
         what = ("positive" if positive else "negative") + (" new-object" if new_object else "")
         try:
             if kind == "point":

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..scene import AlignedScene, PairwisePredictions
+from ..types import AlignedScene, PairwisePredictions
 from ..errors import AlignmentError, Cancelled
 from .init import batched_umeyama, estimate_focal, pixel_grid, spanning_tree_order
 from .matching import auto_stride, pair_matches
@@ -106,7 +106,7 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
                  principal_points=None) -> AlignedScene:
     """Globally align DUSt3R-style pairwise pointmaps with Dynamic Global Aligning.
 
-    pairs: :class:`~wildseg3d_ros.core.scene.PairwisePredictions`, or the dict of
+    pairs: :class:`~wildseg3d_ros.core.types.PairwisePredictions`, or the dict of
         ``dust3r.inference.inference()`` (converted with ``PairwisePredictions.from_dust3r``);
         torch or numpy, stacked over pairs (E,H,W,3) or lists of per-pair arrays when image
         sizes differ.

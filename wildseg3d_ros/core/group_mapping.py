@@ -28,7 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from ..scene import AlignedScene, MaskCache
+from .types import AlignedScene, MaskCache
 from .mask_cache import auto_voxel_size, voxel_keys
 
 __all__ = ["Segment3D", "GroupMapper", "remove_floaters", "subtract_voxels", "voxel_components",

@@ -7,7 +7,7 @@
   keyframes (the keyframes form a pseudo-video, forward and backward from the reference).  Beyond
   the paper, objects not visible in the reference view are picked up from automatic masks of the
   other keyframes: masks not covered by tracked objects are associated across views through the
-  aligned pointmaps (:func:`~wildseg3d_ros.core.segment.mask_cache.associate_masks_3d` when
+  aligned pointmaps (:func:`~wildseg3d_ros.core.mask_cache.associate_masks_3d` when
   present) and then tracked too (seeded on the view where they are largest).  Soft masks S are the
   sigmoid of the winning object's mask logit.
 * :meth:`Sam2Segmenter.refine` -- ``SAM2ImagePredictor.predict`` with all clicks (labels 1/0) and
@@ -17,7 +17,7 @@
 
 One model (built with ``build_sam2_video_predictor``) serves the image predictor, the automatic
 mask generator and the video predictor.  Nothing is ever downloaded: a missing package or
-checkpoint raises one :class:`~wildseg3d_ros.core.segment.base.SegmenterError` saying what to
+checkpoint raises one :class:`~wildseg3d_ros.core.presegment.base.SegmenterError` saying what to
 install or where to put the file.  ``random_init=True`` (CI/tests only) builds the real
 architecture from the package's config with seeded random weights instead of loading a
 checkpoint.  ``image_size`` overrides the model's input resolution (multiple of 32; default: the
@@ -37,9 +37,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..scene import MaskCache
-from .base import (CancelFn, ProgressFn, Segmenter, SegmenterError, as_uv, check_cancel,
-                   report)
+from ..types import MaskCache
+from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report
+from .base import Segmenter, as_uv
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _available_configs() -> List[str]:
 def _object_table(labels: np.ndarray, pts3d, valid) -> Dict[int, dict]:
     """Object table (views, area per view, ...) via mask_cache.object_table when available."""
     try:
-        from .mask_cache import object_table
+        from ..mask_cache import object_table
         return object_table(labels, pts3d, valid)
     except ImportError:
         table: Dict[int, dict] = {}
@@ -562,7 +562,7 @@ class Sam2Segmenter(Segmenter):
         if pts3d is None or not logits:
             return
         try:
-            from .mask_cache import auto_voxel_size
+            from ..mask_cache import auto_voxel_size
             pts3d = np.asarray(pts3d)
             ok = valid & np.isfinite(pts3d).all(-1)
             voxel = auto_voxel_size(pts3d, ok)
@@ -604,7 +604,7 @@ class Sam2Segmenter(Segmenter):
     def _associate(self, local: np.ndarray, pts3d, valid) -> np.ndarray:
         """Merge per-view local masks of the same physical object into global ids (3D overlap)."""
         try:
-            from .mask_cache import associate_masks_3d
+            from ..mask_cache import associate_masks_3d
         except ImportError:
             associate_masks_3d = None
         if associate_masks_3d is not None and pts3d is not None:

@@ -2,21 +2,24 @@
 
 Create one by name with :func:`make_backend`:
 
-* ``"rgbd"``   -> :class:`~wildseg3d_ros.core.backends.rgbd.RgbdBackend` (metric depth; CPU;
+* ``"rgbd"``   -> :class:`~wildseg3d_ros.core.pointmaps.rgbd.RgbdBackend` (metric depth; CPU;
   pairwise poses by feature matching + RANSAC PnP + point-to-plane ICP);
-* ``"dust3r"`` -> :class:`~wildseg3d_ros.core.backends.dust3r_backend.Dust3rBackend` (the
+* ``"dust3r"`` -> :class:`~wildseg3d_ros.core.pointmaps.dust3r.Dust3rBackend` (the
   ``dust3r`` / ``mast3r`` packages, cloned by the user; licence CC BY-NC-SA 4.0); imported lazily.
 """
 from __future__ import annotations
 
 import importlib
 
-from .base import BackendError, PointmapBackend, make_pairs  # noqa: F401
+from .base import BackendError, PointmapBackend
+from .scene_graph import make_pairs
+
+__all__ = ["BackendError", "PointmapBackend", "make_pairs", "make_backend", "available_backends"]
 
 _BACKENDS = {
-    "rgbd": ("wildseg3d_ros.core.backends.rgbd", "RgbdBackend"),
-    "dust3r": ("wildseg3d_ros.core.backends.dust3r_backend", "Dust3rBackend"),
-    "mast3r": ("wildseg3d_ros.core.backends.dust3r_backend", "Dust3rBackend"),
+    "rgbd": ("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend"),
+    "dust3r": ("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend"),
+    "mast3r": ("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend"),
 }
 
 

@@ -8,8 +8,8 @@ from typing import Tuple
 import cv2
 import numpy as np
 
-from .geometry import invert_pose, project_points, transform_points
-from .scene import AlignedScene
+from ..core.geometry import invert_pose, project_points, transform_points
+from ..core.types import AlignedScene
 
 
 def match_frames(keyframe_rgb: np.ndarray, frames_rgb: np.ndarray) -> np.ndarray:

@@ -312,7 +312,7 @@ def pack_object_cloud(points: np.ndarray, colors: Optional[np.ndarray] = None,
 
 
 def pack_scene_cloud(scene) -> Tuple[np.ndarray, int, int]:
-    """Organised scene cloud of an :class:`~wildseg3d_ros.core.scene.AlignedScene`.
+    """Organised scene cloud of an :class:`~wildseg3d_ros.core.types.AlignedScene`.
 
     Returns ``(arr, height, width)`` with ``arr`` of shape (V*H, W) and dtype
     :func:`scene_cloud_dtype`; keyframe ``v`` occupies rows ``v*H .. v*H+H-1``.

@@ -27,9 +27,9 @@ a second ICP initialisation: the candidate with the better ICP overlap wins (tie
 feature-based one).  When feature registration fails (fewer than ``min_inliers`` inliers, e.g.
 on a textureless pair) the prior is used (``fallback_to_prior=True``), ICP-refined only when the
 refinement improves the overlap and moves less than ``max_icp_correction``; without a prior a
-:class:`~wildseg3d_ros.core.backends.base.BackendError` explains the failure.
+:class:`~wildseg3d_ros.core.pointmaps.base.BackendError` explains the failure.
 
-The prediction for edge ``(i, j)`` (:class:`~wildseg3d_ros.core.scene.PairwisePredictions`, metric):
+The prediction for edge ``(i, j)`` (:class:`~wildseg3d_ros.core.types.PairwisePredictions`, metric):
 ``pts1`` = pointmap of ``i`` in its own frame, ``pts2`` = pointmap of ``j`` mapped into ``i``'s frame by
 ``T_ij`` (pose of camera ``j`` in camera ``i``: ``x_i = T_ij x_j``).  ``relative_poses`` and
 ``registrations`` keep the last run's results for diagnostics.
@@ -43,9 +43,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
-from ..scene import Keyframe, PairwisePredictions
-from .base import (BackendError, CancelFn, Pair, PointmapBackend, ProgressFn, check_cancel,
-                   report)
+from ..types import Keyframe, PairwisePredictions
+from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
+from .base import Pair, PointmapBackend
 
 
 # ----------------------------------------------------------------------------------------------

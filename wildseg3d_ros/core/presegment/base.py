@@ -3,7 +3,7 @@
 A backend produces
 
 * ``automatic_masks``: one view -> (H, W) int32 local segment ids (0 = none, non-overlapping);
-* ``build_mask_cache``: all keyframes -> :class:`~wildseg3d_ros.core.scene.MaskCache` whose
+* ``build_mask_cache``: all keyframes -> :class:`~wildseg3d_ros.core.types.MaskCache` whose
   ids are *global* (the same physical object has the same id in every view) plus soft masks S;
 * ``refine``: one view + positive/negative clicks (+ previous mask as prior) -> (H, W) bool mask.
 
@@ -17,21 +17,20 @@ callable returning True when the caller wants the work aborted (the backend then
 
 Backends are created by name with :func:`make_segmenter`:
 
-* ``"classical"`` -> :class:`~wildseg3d_ros.core.segment.classical.ClassicalSegmenter`
+* ``"classical"`` -> :class:`~wildseg3d_ros.core.presegment.classical.ClassicalSegmenter`
   (no weights; superpixels merged by colour and 3D geometry);
-* ``"sam2"`` -> ``wildseg3d_ros.core.segment.sam2_backend.Sam2Segmenter`` (imported lazily).
+* ``"sam2"`` -> ``wildseg3d_ros.core.presegment.sam2.Sam2Segmenter`` (imported lazily).
 """
 from __future__ import annotations
 
 import abc
 import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from ..scene import MaskCache
-
-from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report  # noqa: F401
+from ..errors import CancelFn, ProgressFn, SegmenterError
+from ..types import MaskCache
 
 
 def _empty_uv() -> np.ndarray:
@@ -77,7 +76,7 @@ class Segmenter(abc.ABC):
 
 _BACKENDS = {
     "classical": (".classical", "ClassicalSegmenter"),
-    "sam2": (".sam2_backend", "Sam2Segmenter"),
+    "sam2": (".sam2", "Sam2Segmenter"),
 }
 
 
@@ -98,7 +97,7 @@ def make_segmenter(name: str, **kwargs) -> Segmenter:
         if key == "sam2":
             raise SegmenterError(
                 "the 'sam2' segmenter backend is unavailable: could not import "
-                f"wildseg3d_ros.core.segment.sam2_backend ({exc}). Install the 'sam2' Python package "
+                f"wildseg3d_ros.core.presegment.sam2 ({exc}). Install the 'sam2' Python package "
                 "(pip install sam2, needs torch + torchvision) or use segmenter 'classical'."
             ) from exc
         raise SegmenterError(f"cannot import segmenter backend {name!r}: {exc}") from exc

@@ -1,7 +1,7 @@
 """ROS-free numpy equivalents of ``cv_bridge`` for ``sensor_msgs/Image``, ``CompressedImage``
 and ``CameraInfo`` (the ROS layer passes the message fields in; this module never imports rclpy).
 
-Outputs follow the package conventions (see :mod:`wildseg3d_ros.core.scene`):
+Outputs follow the package conventions (see :mod:`wildseg3d_ros.core.types`):
 
 * colour encodings (``rgb8``, ``bgr8``, ``rgba8``, ``bgra8``, ``mono8``; aliases ``8UC1`` = mono8,
   ``8UC3`` = bgr8, ``8UC4`` = bgra8 as cv_bridge assumes) decode to ``H x W x 3`` uint8 **RGB**;

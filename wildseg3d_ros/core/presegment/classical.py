@@ -20,7 +20,7 @@ Per view (:meth:`ClassicalSegmenter.automatic_masks`):
    are absorbed by their best geometrically-connected neighbour or dropped.
 
 :meth:`build_mask_cache` runs this per view and associates the masks across views through the
-pointmaps (:func:`~wildseg3d_ros.core.segment.mask_cache.associate_masks_3d`).
+pointmaps (:func:`~wildseg3d_ros.core.mask_cache.associate_masks_3d`).
 :meth:`refine` selects segments with positive clicks and removes negative ones; inside a segment
 that holds both, atoms go to the nearest click in (colour, 3D) feature space.
 """
@@ -34,9 +34,10 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ..scene import MaskCache
-from .base import Segmenter, SegmenterError, as_uv, check_cancel, report
-from .mask_cache import associate_masks_3d, make_mask_cache, relabel_consecutive
+from ..types import MaskCache
+from ..errors import SegmenterError, check_cancel, report
+from .base import Segmenter, as_uv
+from ..mask_cache import associate_masks_3d, make_mask_cache, relabel_consecutive
 
 __all__ = ["ClassicalSegmenter", "pointmap_normals", "geometric_edges", "detect_planes", "merge_average_linkage"]
 

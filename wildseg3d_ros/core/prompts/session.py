@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..scene import AlignedScene
+from ..types import AlignedScene
 
 __all__ = ["PromptError", "Click", "Selection", "InteractiveSession", "propagate_mask"]
 
@@ -201,7 +201,7 @@ class InteractiveSession:
     """Prompt session over an aligned scene (see module docstring).
 
     scene: :class:`AlignedScene` with its ``mask_cache``; mapper: ``GroupMapper`` over it;
-    segmenter: a :class:`~wildseg3d_ros.core.segment.base.Segmenter` for refinement, or None
+    segmenter: a :class:`~wildseg3d_ros.core.presegment.base.Segmenter` for refinement, or None
     (cache-only refinement).  ``max_click_dist``: distance passed to ``object_at_point`` (None:
     the mapper's default).  ``visibility_tol``: relative depth tolerance used to decide that a
     view sees a 3D point (plus 2 pixel footprints).  ``voxel`` / ``voxel_factor`` / ``dilate``:

@@ -8,7 +8,7 @@
   over-segmented view from chaining distinct objects together).
 * :func:`build_soft_masks` gives the soft object mask S used by DGA weighting: 1 inside a mask,
   ramping down towards mask borders (distance transform), a small constant where unlabelled.
-* :func:`object_table` / :func:`make_mask_cache` assemble :class:`~wildseg3d_ros.core.scene.MaskCache`.
+* :func:`object_table` / :func:`make_mask_cache` assemble :class:`~wildseg3d_ros.core.types.MaskCache`.
 
 All functions are vectorised with numpy (loops run over views / view pairs / objects only).
 """
@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 from scipy import ndimage
 
-from ..scene import MaskCache
+from .types import MaskCache
 
 __all__ = ["auto_voxel_size", "voxel_keys", "associate_masks_3d", "build_soft_masks",
            "object_table", "make_mask_cache", "relabel_consecutive", "mask_iou_table"]

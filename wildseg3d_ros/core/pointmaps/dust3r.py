@@ -40,9 +40,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..scene import Keyframe, PairwisePredictions
-from .base import (BackendError, CancelFn, Pair, PointmapBackend, ProgressFn, check_cancel,
-                   report)
+from ..types import Keyframe, PairwisePredictions
+from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
+from .base import Pair, PointmapBackend
 
 INSTALL_HINT = ("clone it and put it on PYTHONPATH: git clone --recursive https://github.com/naver/dust3r; "
                 "pip install -r dust3r/requirements.txt; export PYTHONPATH=/path/to/dust3r:$PYTHONPATH "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.evaluation import match_frames, segment_iou_per_view
+from ..eval.metrics import match_frames, segment_iou_per_view
 
 
 def _log(msg: str):
@@ -35,13 +35,13 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import PointCloud2
 
-    from .core import montage, ply
-    from .core.geometry import pose_errors
-    from .core.scene_codec import scene_from_cloud_array
-    from .ros import convert
-    from .ros.camera_sim_node import CameraSimNode
-    from .ros.reconstruction_node import ReconstructionNode
-    from .ros.segmentation_node import SegmentationNode
+    from ..core.output import montage, ply
+    from ..core.geometry import pose_errors
+    from ..core.output.scene_codec import scene_from_cloud_array
+    from ..ros import convert
+    from ..ros.camera_sim_node import CameraSimNode
+    from ..ros.reconstruction_node import ReconstructionNode
+    from ..ros.segmentation_node import SegmentationNode
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -146,7 +146,7 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         t_obj, obj_msg = got["objects"][-1]
         latency_ms = (t_obj - t_click) * 1e3
         arr = convert.cloud_to_struct(obj_msg).reshape(-1)
-        from .core.cloud import unpack_rgb
+        from ..core.output.cloud import unpack_rgb
         obj_pts = np.stack([arr["x"], arr["y"], arr["z"]], -1).astype(np.float32)
         obj_rgb = unpack_rgb(arr["rgb"])
         _log(f"object cloud received: {len(obj_pts)} points, click-to-PointCloud2 {latency_ms:.1f} ms")

@@ -15,7 +15,7 @@ from itertools import permutations
 import numpy as np
 import torch
 
-from ..scene import PairwisePredictions
+from ..core.types import PairwisePredictions
 
 
 def _rotvec(v):

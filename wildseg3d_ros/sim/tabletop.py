@@ -10,7 +10,7 @@ every primitive at once with numpy (a Python loop runs over the ~16 primitives o
 * ``depth``    H x W float32 metres, **z-depth** along the optical axis (every pixel hits: closed room),
 * ``instance`` H x W int32 instance id of the primitive hit.
 
-Conventions (see :mod:`wildseg3d_ros.core.scene`): world frame z up, metres; poses are
+Conventions (see :mod:`wildseg3d_ros.core.types`): world frame z up, metres; poses are
 camera-to-world 4x4 float64 with OpenCV camera axes (x right, y down, z forward).  Pixel (col j,
 row i) is the ray through ``K^-1 [j, i, 1]`` (integer pixel centres), so
 ``X_cam = depth[i, j] * K^-1 [j, i, 1]`` back-projects exactly onto the hit surface.

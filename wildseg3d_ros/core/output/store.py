@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .scene import AlignedScene, Keyframe, MaskCache
+from ..types import AlignedScene, Keyframe, MaskCache
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ It runs the same core code as the ROS nodes: keyframe selection (:class:`Keyfram
 reconstruction node's policy, or uniform sampling), the pointmap backend (``rgbd`` or
 ``dust3r``), the per-view segmenter and Dynamic Global Aligning
 (:class:`~wildseg3d_ros.core.pipeline.ReconstructionPipeline`), then an
-:class:`~wildseg3d_ros.core.segment.interactive.InteractiveSession` (Multi-view Group Mapping)
+:class:`~wildseg3d_ros.core.prompts.session.InteractiveSession` (Multi-view Group Mapping)
 with the ``--click`` / ``--negative`` pixel prompts, and writes into ``--out``:
 
 * ``object.ply``  the segmented object(s) (xyz, rgb, label)
@@ -157,7 +157,7 @@ def guess_K(width: int, height: int, hfov_deg: float = 60.0) -> np.ndarray:
 def load_pose_file(path: Path) -> List[np.ndarray]:
     """Poses, one per line: ``tx ty tz qx qy qz qw`` or ``stamp tx ty tz qx qy qz qw`` (TUM),
     camera-to-world; ``#`` comments and blank lines skipped."""
-    from .core.geometry import pose_from_xyz_quat
+    from ..core.geometry import pose_from_xyz_quat
 
     poses = []
     for ln in Path(path).read_text().splitlines():
@@ -337,7 +337,7 @@ class VideoSource(Source):
 
 
 def _pose_from_msg(msg) -> Optional[np.ndarray]:
-    from .core.geometry import pose_from_xyz_quat
+    from ..core.geometry import pose_from_xyz_quat
 
     p = msg.pose
     if hasattr(p, "pose"):  # Odometry / PoseWithCovarianceStamped
@@ -487,7 +487,7 @@ class BagSource(Source):
 
     # -- decoding ------------------------------------------------------------------------------
     def _decode_color(self, m, msgtype) -> np.ndarray:
-        from .core.image_codec import decode_compressed, decode_image
+        from ..core.camera.image_codec import decode_compressed, decode_image
 
         if msgtype in T_COMPRESSED:
             return decode_compressed(m.format, m.data, max_pixels=self.max_pixels)
@@ -498,7 +498,7 @@ class BagSource(Source):
         return out
 
     def _decode_depth(self, m, msgtype) -> np.ndarray:
-        from .core.image_codec import decode_compressed, decode_depth
+        from ..core.camera.image_codec import decode_compressed, decode_depth
 
         if msgtype in T_COMPRESSED:
             d = decode_compressed(m.format, m.data, max_pixels=self.max_pixels)
@@ -637,7 +637,7 @@ def uniform_positions(n: int, k: int) -> List[int]:
 
 def select_keyframes(src: Source, args) -> Tuple[List[Frame], dict]:
     """Keyframes (as :class:`Frame`, with K filled in) and selection statistics."""
-    from .core.keyframes import KeyframeBuffer, KeyframePolicy
+    from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 
     n = src.count()
     stats = {"candidate_frames": n, "mode": args.select}
@@ -687,7 +687,7 @@ def _to_network_resolution(kfs: List[Frame], size: int):
     scene comes out at that resolution, so keyframes are brought there first (same resize/crop as
     ``dust3r.utils.image.load_images``; K adjusted) and clicks are mapped with the returned
     per-keyframe (sx, sy, left, top)."""
-    from .core.backends.dust3r_backend import preprocess_image
+    from ..core.pointmaps.dust3r import preprocess_image
 
     maps = []
     for fr in kfs:
@@ -702,12 +702,12 @@ def run_segment(args) -> dict:
     as result.json) with the in-memory ``scene`` and ``session`` under ``_scene``/``_session``."""
     import torch
 
-    from .core import montage, ply
-    from .core.evaluation import project_segment
-    from .core.pipeline import PipelineConfig, ReconstructionPipeline
-    from .core.scene import Keyframe
-    from .core.segment.group_mapping import GroupMapper
-    from .core.segment.interactive import InteractiveSession
+    from ..core.output import montage, ply
+    from ..eval.metrics import project_segment
+    from ..core.pipeline import PipelineConfig, ReconstructionPipeline
+    from ..core.types import Keyframe
+    from ..core.group_mapping import GroupMapper
+    from ..core.prompts.session import InteractiveSession
 
     t0 = time.perf_counter()
     if args.threads:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import cloud as corecloud
-from .geometry import resect_pinhole
-from .scene import AlignedScene, MaskCache
+from ..geometry import resect_pinhole
+from ..types import AlignedScene, MaskCache
 
 
 class SceneDecodeError(ValueError):

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from . import image_codec
-from .geometry import pose_from_xyz_quat, rot_to_quat_xyzw
+from ..geometry import pose_from_xyz_quat, rot_to_quat_xyzw
 
 __all__ = ["RealData", "CameraIntrinsics", "BagMessage", "BagTopics", "write_bag", "read_bag",
            "bag_info", "typestore_for", "shared_data_dir", "load_llff_fern", "load_middlebury_temple",

@@ -1,0 +1,54 @@
+"""Pointmap backend interface shared by every reconstruction backend.
+
+A backend turns a list of :class:`~wildseg3d_ros.core.types.Keyframe` into *pairwise pointmap
+predictions*, a :class:`~wildseg3d_ros.core.types.PairwisePredictions`: per edge ``(i, j)`` the
+pointmap of view ``i`` in its own frame and of view ``j`` in ``i``'s frame with confidences, the
+views' RGB images and intrinsics at the pointmaps' resolution, and whether the scale is metric.
+(DUSt3R's ``inference()`` dict converts with ``PairwisePredictions.from_dust3r``.)
+
+Tensors are ``torch.float32`` on the CPU.  Edge indices are **positions in the keyframe list**
+given to :meth:`PointmapBackend.predict_pairs` (as DUSt3R's ``load_images`` numbers its images),
+not ``Keyframe.index``.
+
+Pairs are ``(i, j)`` tuples of list positions; :mod:`.scene_graph` builds them.
+
+``progress(fraction, message)`` is an optional callback, ``cancel()`` an optional callable
+returning True when the caller wants the work aborted (then :class:`~wildseg3d_ros.core.errors.Cancelled` is raised).
+"""
+from __future__ import annotations
+
+import abc
+from typing import List, Optional, Sequence
+
+from ..errors import BackendError, CancelFn, ProgressFn
+from ..types import Keyframe, PairwisePredictions
+from .scene_graph import Pair, make_pairs
+
+
+class PointmapBackend(abc.ABC):
+    """Produces pairwise pointmap predictions (:class:`PairwisePredictions`) from keyframes."""
+
+    name: str = "base"
+    #: scene graph used when ``predict_pairs`` gets ``pairs=None``
+    scene_graph: str = "complete"
+
+    def make_pairs(self, n: int, scene_graph: Optional[str] = None) -> List[Pair]:
+        return make_pairs(n, scene_graph or self.scene_graph)
+
+    @abc.abstractmethod
+    def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
+                      progress: Optional[ProgressFn] = None,
+                      cancel: Optional[CancelFn] = None) -> PairwisePredictions:
+        """Pairwise predictions for ``pairs`` of list positions (None: the backend's scene graph)."""
+
+    @staticmethod
+    def _check_pairs(n: int, pairs: Sequence[Pair]) -> List[Pair]:
+        out = []
+        for p in pairs:
+            i, j = int(p[0]), int(p[1])
+            if not (0 <= i < n and 0 <= j < n) or i == j:
+                raise BackendError(f"bad pair {p!r} for {n} keyframes")
+            out.append((i, j))
+        if not out:
+            raise BackendError("no image pairs to predict (need at least 2 keyframes)")
+        return out
