@@ -40,7 +40,8 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
 LOAD = r"""
 import sys, threading, time
 import numpy as np
-from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+from wildseg3d_ros.core.config import PipelineConfig
+from wildseg3d_ros.core.pipeline import ReconstructionPipeline
 from wildseg3d_ros.core.types import Keyframe
 from wildseg3d_ros.sim.tabletop import render_sequence
 

@@ -27,25 +27,28 @@ def main():
     ap.add_argument("--iterations", type=int, default=100, help="DGA iterations (paper: 500)")
     ap.add_argument("--scene-graph", default="complete")
     ap.add_argument("--width", type=int, default=640, help="640 = native; smaller resizes (K scaled)")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data",
+                    help="folder holding rgbd_room/ (default: ../shared/data beside the repo)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(2)
-    from wildseg3d_ros.core.camera import bags
+    from wildseg3d_ros.eval import datasets
     from wildseg3d_ros.core.geometry import depth_to_world, invert_pose, pose_errors
     from wildseg3d_ros.core.keyframes import pose_delta
-    from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+    from wildseg3d_ros.core.config import PipelineConfig
+    from wildseg3d_ros.core.pipeline import ReconstructionPipeline
     from wildseg3d_ros.core.types import Keyframe
 
-    if not (bags.shared_data_dir() / "rgbd_room").is_dir():
-        print(json.dumps({"skipped": f"{bags.shared_data_dir() / 'rgbd_room'} absent"}))
+    if not (args.data_root / "rgbd_room").is_dir():
+        print(json.dumps({"skipped": f"{args.data_root / 'rgbd_room'} absent"}))
         return
     from scipy.spatial import cKDTree
 
-    d = bags.load_rgbd_room()
+    d = datasets.load_rgbd_room(args.data_root / "rgbd_room")
     if args.width != 640:
-        d = bags.resize_data(d, args.width, int(round(args.width * 0.75)))
+        d = datasets.resize_data(d, args.width, int(round(args.width * 0.75)))
     V = len(d.rgb)
     kfs = [Keyframe(v, float(v), d.rgb[v], d.K, d.depth[v]) for v in range(V)]
     t0 = time.perf_counter()

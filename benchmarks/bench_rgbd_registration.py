@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, pose_delta  # noqa: E402
+from wildseg3d_ros.core.geometry import pose_delta  # noqa: E402
+from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend  # noqa: E402
 from wildseg3d_ros.core.geometry import invert_pose, quat_xyzw_to_rot  # noqa: E402
 from wildseg3d_ros.core.types import Keyframe  # noqa: E402
 
@@ -80,7 +81,7 @@ def evaluate(kfs, ref, odom, pairs):
                 fails += 1
                 continue
             times.append(time.perf_counter() - t0)
-            errs.append(pose_delta(G, T))
+            errs.append(_rot_trans(G, T))
         res[name] = summarise(errs, times, fails, prep)
     # baseline: ICP alone from the identity
     be = methods["full"]
@@ -91,14 +92,20 @@ def evaluate(kfs, ref, odom, pairs):
         t0 = time.perf_counter()
         r = be._icp(frames[i], frames[j], np.eye(4))
         times.append(time.perf_counter() - t0)
-        errs.append(pose_delta(G, r.T))
+        errs.append(_rot_trans(G, r.T))
     res["baseline_icp_identity"] = summarise(errs, times, 0, None)
     if odom is not None:
-        errs = [pose_delta(invert_pose(ref[i]) @ ref[j], invert_pose(odom[i]) @ odom[j]) for i, j in pairs]
+        errs = [_rot_trans(invert_pose(ref[i]) @ ref[j], invert_pose(odom[i]) @ odom[j]) for i, j in pairs]
         res["baseline_odometry"] = summarise(errs, [0.0], 0, None)
-    res["motion"] = {"rot_deg": [round(pose_delta(ref[i], ref[j])[0], 2) for i, j in pairs],
-                     "trans_m": [round(pose_delta(ref[i], ref[j])[1], 3) for i, j in pairs]}
+    res["motion"] = {"rot_deg": [round(_rot_trans(ref[i], ref[j])[0], 2) for i, j in pairs],
+                     "trans_m": [round(_rot_trans(ref[i], ref[j])[1], 3) for i, j in pairs]}
     return res
+
+
+def _rot_trans(a, b):
+    """(rotation deg, translation m) between two poses (the table's column order)."""
+    t, r = pose_delta(a, b)
+    return r, t
 
 
 def summarise(errs, times, fails, prep):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from wildseg3d_ros.core.camera import bags
+from wildseg3d_ros.eval import datasets
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
@@ -134,7 +135,7 @@ def _sampson_px(data, i, j):
 
 @needs_shared
 def test_llff_fern_loader_geometry():
-    d = bags.load_llff_fern()
+    d = datasets.load_llff_fern(SHARED_DATA / "llff_fern")
     assert len(d.rgb) == 20 and d.rgb[0].shape == (378, 504, 3) and d.depth is None
     assert d.K[0, 0] == pytest.approx(3260.5 * 504 / 4032, rel=1e-4) and tuple(d.K[:2, 2]) == (252.0, 189.0)
     assert np.allclose(np.linalg.det(d.poses[:, :3, :3]), 1.0)
@@ -149,7 +150,7 @@ def test_llff_fern_loader_geometry():
 
 @needs_shared
 def test_middlebury_temple_loader_geometry():
-    d = bags.load_middlebury_temple()
+    d = datasets.load_middlebury_temple(SHARED_DATA / "middlebury_temple")
     assert len(d.rgb) == 16 and d.rgb[0].shape == (480, 640, 3)
     assert np.allclose(d.K, [[1520.4, 0, 302.32], [0, 1525.9, 246.87], [0, 0, 1]])
     # the object's bounding-box centre (README) projects inside every image, in front of the camera
@@ -164,14 +165,14 @@ def test_middlebury_temple_loader_geometry():
 
 @needs_shared
 def test_rgbd_room_loader_and_resize():
-    d = bags.load_rgbd_room()
+    d = datasets.load_rgbd_room(SHARED_DATA / "rgbd_room")
     assert len(d.rgb) == 5 and len(d.depth) == 5 and d.depth[0].dtype == np.float32
     valid = d.depth[0] > 0
     assert 0.5 < np.median(d.depth[0][valid]) < 8.0 and valid.mean() > 0.5
     raw = cv2.imread(str(SHARED_DATA / "rgbd_room" / "depth" / "1.pgm"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(d.depth[0], raw.astype(np.float32) / 1000)
     assert np.allclose(d.poses[0][:3, 3], [-0.228993, 0.00645704, 0.0287837])
-    s = bags.resize_data(d, 320, 240)
+    s = datasets.resize_data(d, 320, 240)
     assert s.rgb[0].shape == (240, 320, 3) and s.depth[0].shape == (240, 320)
     assert s.K[0, 0] == pytest.approx(259.0) and s.K[0, 2] == pytest.approx((325.5 + 0.5) / 2 - 0.5)
 

@@ -22,10 +22,11 @@ import pytest
 
 from wildseg3d_ros.apps.cli import build_parser
 from wildseg3d_ros.eval.metrics import match_frames, segment_iou_per_view
-from wildseg3d_ros.core.geometry import pose_from_xyz_quat, rot_to_quat_xyzw
+from wildseg3d_ros.core.geometry import rot_to_quat_xyzw
 from wildseg3d_ros.core.camera.image_codec import encode_compressed
 from wildseg3d_ros.core.output.ply import read_ply
 from wildseg3d_ros.sim.tabletop import render_sequence
+from wildseg3d_ros.eval import datasets
 from wildseg3d_ros.apps.offline import BagSource, ImageFolderSource, run_segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,20 +152,9 @@ def write_bag(path: Path, rgb, depth, K, poses, stamps, storage: str, compressed
 def _room(scale: float = 0.5):
     if not ROOM.is_dir():
         pytest.skip(f"shared data absent ({ROOM}): the rgbd_room tests need ../shared/data/rgbd_room")
-    rgb, depth, poses = [], [], []
-    w, h = int(640 * scale), int(480 * scale)
-    for i in range(1, 6):
-        c = cv2.imread(str(ROOM / "color" / f"{i}.png"))[..., ::-1]
-        d = cv2.imread(str(ROOM / "depth" / f"{i}.pgm"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
-        rgb.append(cv2.resize(c, (w, h), interpolation=cv2.INTER_AREA))
-        depth.append(cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST))
-    for ln in (ROOM / "pose.txt").read_text().split("\n"):
-        if ln.strip():
-            v = [float(x) for x in ln.split()]
-            poses.append(pose_from_xyz_quat(v[:3], v[3:]))
-    K = np.array([[518.0 * scale, 0, (325.5 + 0.5) * scale - 0.5], [0, 519.0 * scale, (253.5 + 0.5) * scale - 0.5],
-                  [0, 0, 1]])
-    return np.stack(rgb), np.stack(depth), K, np.stack(poses)
+    d = datasets.load_rgbd_room(ROOM)
+    d = datasets.resize_data(d, int(640 * scale), int(480 * scale))
+    return np.stack(d.rgb), np.stack(d.depth), d.K, d.poses
 
 
 # ------------------------------------------------------------------------------ tests

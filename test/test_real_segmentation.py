@@ -97,10 +97,10 @@ def segmenter_single_linkage():
 def temple_results(segmenter=None):
     """Per view: dict(name, click, gt_frac, iou, precision, recall, seconds, flood_iou,
     single_linkage_iou, auto_iou, whole_iou, bbox_click_in_gt)."""
-    from wildseg3d_ros.core.camera import bags
+    from wildseg3d_ros.eval import datasets
     from wildseg3d_ros.core.presegment.base import make_segmenter
 
-    d = bags.load_middlebury_temple()
+    d = datasets.load_middlebury_temple(SHARED_DATA / "middlebury_temple")
     seg = segmenter if segmenter is not None else make_segmenter("classical")
     single = segmenter_single_linkage()
     out = []
@@ -131,11 +131,12 @@ def temple_check(ious, precs, min_mean_iou=0.85, min_median_prec=0.9):
 
 def room_scene():
     """rgbd_room at 320x240 reconstructed without poses; returns (scene, SLAM data, timings)."""
-    from wildseg3d_ros.core.camera import bags
-    from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+    from wildseg3d_ros.eval import datasets
+    from wildseg3d_ros.core.config import PipelineConfig
+    from wildseg3d_ros.core.pipeline import ReconstructionPipeline
     from wildseg3d_ros.core.types import Keyframe
 
-    d = bags.resize_data(bags.load_rgbd_room(), *ROOM_SIZE)
+    d = datasets.resize_data(datasets.load_rgbd_room(SHARED_DATA / "rgbd_room"), *ROOM_SIZE)
     kfs = [Keyframe(v, float(v), d.rgb[v], d.K, depth=d.depth[v]) for v in range(len(d.rgb))]
     pipe = ReconstructionPipeline(PipelineConfig(backend="rgbd", segmenter="classical", iterations=200,
                                                  segmenter_kwargs=dict(ROOM_SEG_KW)))
@@ -256,9 +257,9 @@ def test_temple_one_click_iou(temple):
 @needs_shared
 def test_temple_check_rejects_wrong_masks(temple):
     """The acceptance rule fails for the whole image, an empty mask, and the background."""
-    from wildseg3d_ros.core.camera import bags
+    from wildseg3d_ros.eval import datasets
 
-    d = bags.load_middlebury_temple()
+    d = datasets.load_middlebury_temple(SHARED_DATA / "middlebury_temple")
     gts = [temple_pseudo_gt(im) for im in d.rgb]
     for wrong in (lambda g: np.ones_like(g), lambda g: np.zeros_like(g), lambda g: ~g,
                   lambda g: np.roll(g, g.shape[1] // 2, axis=1)):

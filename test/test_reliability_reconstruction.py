@@ -370,7 +370,8 @@ def test_services_too_few_concurrent_and_reset_while_running(ros, seq, tmp_path)
 def test_cancel_reaches_backend_aligner_and_segmenter():
     """The cancel callable is passed to every stage: cancelling at the first check inside a stage
     raises a cancellation at once (the gaps between checks are measured by the soak benchmark)."""
-    from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+    from wildseg3d_ros.core.config import PipelineConfig
+    from wildseg3d_ros.core.pipeline import ReconstructionPipeline
     from wildseg3d_ros.core.types import Keyframe
     from wildseg3d_ros.sim.tabletop import render_sequence
 

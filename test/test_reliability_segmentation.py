@@ -32,7 +32,8 @@ W, H, V = 96, 72, 3
 
 @pytest.fixture(scope="module")
 def built():
-    from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
+    from wildseg3d_ros.core.config import PipelineConfig
+    from wildseg3d_ros.core.pipeline import ReconstructionPipeline
     from wildseg3d_ros.core.types import Keyframe
     from wildseg3d_ros.sim.tabletop import render_sequence
     seq = render_sequence(n_views=V, width=W, height=H, seed=4)

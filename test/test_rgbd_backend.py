@@ -8,7 +8,8 @@ import torch
 
 from wildseg3d_ros.core.pointmaps import BackendError, make_backend, make_pairs
 from wildseg3d_ros.core.errors import Cancelled
-from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, depth_confidence, pose_delta
+from wildseg3d_ros.core.geometry import pose_delta
+from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, depth_confidence
 from wildseg3d_ros.core.geometry import backproject_depth, invert_pose, quat_xyzw_to_rot, transform_points
 from wildseg3d_ros.core.types import Keyframe
 
@@ -78,7 +79,7 @@ def test_synthetic_without_priors_accurate_and_dust3r_layout(seq):
     assert torch.allclose(img[0], torch.from_numpy(seq.rgb[0]).permute(2, 0, 1).float() / 127.5 - 1)
     for e, (i, j) in enumerate(pairs):
         G = _gt_rel(seq.poses, i, j)
-        dr, dt = pose_delta(G, be.relative_poses[(i, j)])
+        dt, dr = pose_delta(G, be.relative_poses[(i, j)])
         assert dr < 0.5 and dt < 0.01, (i, j, dr, dt)
         # the prediction is view j's pointmap in i's frame: compare with the GT transform
         gt_pts = transform_points(G, backproject_depth(seq.depth[j], seq.K))  # renderer: exact depth
@@ -95,8 +96,8 @@ def test_synthetic_with_drifted_priors_beats_odometry(seq):
     be.predict_pairs(_kfs(seq, seq.odom_poses), [(0, 1), (1, 2), (2, 3), (3, 4), (0, 2)])
     for (i, j), T in be.relative_poses.items():
         G = _gt_rel(seq.poses, i, j)
-        dr, dt = pose_delta(G, T)
-        odr, odt = pose_delta(G, _gt_rel(seq.odom_poses, i, j))
+        dt, dr = pose_delta(G, T)
+        odt, odr = pose_delta(G, _gt_rel(seq.odom_poses, i, j))
         assert dr < 0.5 and dt < 0.01, (i, j, dr, dt)
         assert dr < odr and dt < odt  # the registration corrects the odometry drift
 
@@ -113,11 +114,11 @@ def test_textureless_pair_falls_back_to_prior_or_raises(seq):
         assert reg.status in ("prior", "prior+icp"), reg
         assert "feature registration failed" in reg.message
         P = _gt_rel(priors, *key)
-        dr, dt = pose_delta(P, reg.T)
+        dt, dr = pose_delta(P, reg.T)
         assert dr <= be.max_icp_correction[0] + 1e-9 and dt <= be.max_icp_correction[1] + 1e-9
         # never worse than the prior by more than a hair (ICP only accepted when it helps)
         G = _gt_rel(seq.poses, *key)
-        assert pose_delta(G, reg.T)[1] <= pose_delta(G, P)[1] + 0.005
+        assert pose_delta(G, reg.T)[0] <= pose_delta(G, P)[0] + 0.005
     kfs_np = [Keyframe(v, float(v), blank[v], seq.K, seq.depth[v]) for v in range(3)]
     with pytest.raises(BackendError, match="registration of keyframes 0 and 1 failed"):
         RgbdBackend().predict_pairs(kfs_np, [(0, 1)])
@@ -171,12 +172,12 @@ def test_real_kinect_room_relative_poses_vs_slam():
     rot, tr = [], []
     for i, j in pairs:
         G = _gt_rel(poses, i, j)
-        dr, dt = pose_delta(G, be.relative_poses[(i, j)])
+        dt, dr = pose_delta(G, be.relative_poses[(i, j)])
         rot.append(dr)
         tr.append(dt)
         assert be.registrations[(i, j)].status == "registered"
         assert be.registrations[(i, j)].inliers >= 20
         assert dr < 2.5 and dt < 0.10, (i, j, dr, dt)
-        assert dr < 0.25 * pose_delta(np.eye(4), G)[0]
+        assert dr < 0.25 * pose_delta(np.eye(4), G)[1]
         assert be.registrations[(i, j)].icp_rmse < 0.02  # point-to-plane RMS of the overlap (m)
     print(f"rgbd_room adjacent pairs: rot err deg {np.round(rot, 2)}, trans err m {np.round(tr, 3)}")

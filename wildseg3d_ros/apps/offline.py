@@ -637,7 +637,8 @@ def uniform_positions(n: int, k: int) -> List[int]:
 
 def select_keyframes(src: Source, args) -> Tuple[List[Frame], dict]:
     """Keyframes (as :class:`Frame`, with K filled in) and selection statistics."""
-    from ..core.keyframes import KeyframeBuffer, KeyframePolicy
+    from ..core.config import keyframe_policy_from_flat
+    from ..core.keyframes import KeyframeBuffer
 
     n = src.count()
     stats = {"candidate_frames": n, "mode": args.select}
@@ -648,9 +649,9 @@ def select_keyframes(src: Source, args) -> Tuple[List[Frame], dict]:
                         disable=args.quiet or None, leave=False):
             kept.append(_with_K(fr, args))
         return kept, stats
-    policy = KeyframePolicy(min_interval_s=args.min_interval, min_translation_m=args.min_translation,
-                            min_rotation_deg=args.min_rotation, min_flow_px=args.min_flow,
-                            min_sharpness=args.min_sharpness, max_keyframes=max(2, args.max_frames))
+    flat = flat_params(args)
+    flat["keyframes.max_keyframes"] = max(2, args.max_frames)
+    policy = keyframe_policy_from_flat(flat)
     buf = KeyframeBuffer(policy)
     frames: Dict[int, Frame] = {}
     for fr in _tqdm(src.frames(None), total=n, desc="select keyframes", unit="frame",
@@ -704,7 +705,8 @@ def run_segment(args) -> dict:
 
     from ..core.output import montage, ply
     from ..eval.metrics import project_segment
-    from ..core.pipeline import PipelineConfig, ReconstructionPipeline
+    from ..core.config import PipelineConfig
+    from ..core.pipeline import ReconstructionPipeline
     from ..core.types import Keyframe
     from ..core.group_mapping import GroupMapper
     from ..core.prompts.session import InteractiveSession
@@ -753,17 +755,9 @@ def run_segment(args) -> dict:
     have_poses = all(f.pose is not None for f in frames)
     kfs = [Keyframe(index=i, stamp=f.stamp, rgb=f.rgb, K=f.K, depth=f.depth, pose_prior=f.pose,
                     frame_id=f.frame_id) for i, f in enumerate(frames)]
-    backend_kwargs = {}
-    if args.backend == "dust3r":
-        backend_kwargs = dict(model=args.checkpoint, image_size=args.image_size, batch_size=args.batch_size)
-    seg_kwargs = {}
-    if args.segmenter == "sam2":
-        seg_kwargs = dict(config=args.sam2_config, checkpoint=args.sam2_checkpoint,
-                          points_per_side=args.points_per_side)
-    cfg = PipelineConfig(backend=args.backend, backend_kwargs=backend_kwargs, segmenter=args.segmenter,
-                         segmenter_kwargs=seg_kwargs, scene_graph=args.scene_graph, device=args.device,
-                         iterations=args.iterations, weighting=args.weighting,
-                         use_pose_priors=have_poses and not args.ignore_poses)
+    flat = flat_params(args)
+    flat["use_pose_priors"] = have_poses and not args.ignore_poses
+    cfg = PipelineConfig.from_flat(flat)
     t = time.perf_counter()
     _log(f"building backend '{args.backend}' and segmenter '{args.segmenter}' on {args.device}", args.quiet)
     pipe = ReconstructionPipeline(cfg)
@@ -879,6 +873,38 @@ def _segment_main(args) -> int:
     return 0
 
 
+def _param_value(text: str):
+    """``NAME=VALUE`` of ``--param`` -> (name, value typed as YAML: 3, 0.5, true, text)."""
+    import yaml
+
+    name, sep, value = str(text).partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. dga.alpha_p=0.5), got {text!r}")
+    try:
+        v = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        v = value
+    return name.strip(), v
+
+
+def flat_params(args) -> dict:
+    """The CLI's options under the flat parameter names of the nodes and the YAML files
+    (:mod:`wildseg3d_ros.core.config`); ``--param NAME=VALUE`` sets any of them directly."""
+    flat = {
+        "backend": args.backend, "segmenter": args.segmenter, "scene_graph": args.scene_graph,
+        "device": args.device, "dga.iterations": args.iterations, "dga.weighting": args.weighting,
+        "dust3r.checkpoint": args.checkpoint or "", "dust3r.image_size": args.image_size,
+        "dust3r.batch_size": args.batch_size, "sam2.config": args.sam2_config,
+        "sam2.checkpoint": args.sam2_checkpoint or "", "sam2.points_per_side": args.points_per_side,
+        "use_pose_priors": not args.ignore_poses,
+        "keyframes.min_interval_s": args.min_interval, "keyframes.min_translation_m": args.min_translation,
+        "keyframes.min_rotation_deg": args.min_rotation, "keyframes.min_flow_px": args.min_flow,
+        "keyframes.min_sharpness": args.min_sharpness, "keyframes.max_keyframes": max(2, args.max_frames),
+    }
+    flat.update(dict(getattr(args, "params", None) or []))
+    return flat
+
+
 EPILOG = """\
 input kinds:
   rosbag2 folder (metadata.yaml), or one .mcap / .db3 file: topics are found by type when not
@@ -970,6 +996,9 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
                    help="alignment weights: dga (paper) or confidence (DUSt3R baseline)")
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
     m.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    m.add_argument("--param", dest="params", action="append", type=_param_value, metavar="NAME=VALUE",
+                   help="set any reconstruction parameter by its node/YAML name, e.g. --param dga.alpha_p=0.4 "
+                        "--param dga.pose_prior_weight=100 (repeatable; wins over the flags above)")
     m.add_argument("--mgm-voxel", type=float, default=0.0, help="MGM floater-filter voxel (m); 0 = automatic")
     m.add_argument("--mgm-min-consistency", type=float, default=0.5,
                    help="MGM: min share of agreeing views for a point to stay")

@@ -114,6 +114,22 @@ def apply_sim3_to_poses(s: float, R: np.ndarray, t: np.ndarray, poses: np.ndarra
     return out
 
 
+def rotation_from_rotvec(rotvec) -> np.ndarray:
+    """Rotation matrix (3, 3) of an axis-angle vector (3,), or (N, 3, 3) of (N, 3) (radians)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_rotvec(np.asarray(rotvec, dtype=np.float64)).as_matrix()
+
+
+def pose_delta(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
+    """(translation, rotation degrees) between two camera-to-world poses: the distance of their
+    centres (= the translation of ``inv(a) @ b``) and the angle of ``R_a^T R_b``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    t = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+    return t, float(rotation_angle_deg(a[:3, :3].T @ b[:3, :3]))
+
+
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     """Rotation angle (degrees) of one or a stack of rotation matrices."""
     R = np.asarray(R, dtype=np.float64)

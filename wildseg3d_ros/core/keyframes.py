@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from .geometry import pose_delta
 from .camera.image_codec import ImageDecodeError, validate_camera_info
 from .types import Keyframe
 
@@ -109,14 +110,6 @@ def sharpness(gray: np.ndarray) -> float:
     """Variance of the Laplacian of a grey uint8 image (higher = sharper)."""
     lap = cv2.Laplacian(gray, cv2.CV_32F, ksize=1)
     return float(lap.var())
-
-
-def pose_delta(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
-    """(translation metres, rotation degrees) between two camera-to-world 4x4 poses."""
-    t = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
-    r = a[:3, :3].T @ b[:3, :3]
-    c = (np.trace(r) - 1.0) * 0.5
-    return t, float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
 def _features(gray: np.ndarray) -> Optional[np.ndarray]:

@@ -9,52 +9,28 @@ the classical segmenter) into the mask cache with global object ids.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .config import PipelineConfig
 from .errors import AlignmentError, PipelineError, check_cancel
-from .geometry import apply_sim3_to_poses, invert_pose, transform_points, umeyama
-from .types import AlignedScene, Keyframe
-
-
-@dataclass
-class PipelineConfig:
-    backend: str = "rgbd"
-    backend_kwargs: Dict = field(default_factory=dict)
-    segmenter: str = "classical"
-    segmenter_kwargs: Dict = field(default_factory=dict)
-    scene_graph: str = "complete"
-    device: str = "cpu"
-    # DGA (names as the node's dga.* parameters)
-    alpha_p: float = 0.5
-    alpha_n: float = 0.9
-    iterations: int = 500
-    weighting: str = "dga"
-    match_threshold: float = 0.03
-    # use odometry/TF poses (registration initialisation in the backend, output frame);
-    # pose_prior_weight > 0 also ties DGA's poses to them (inf: keep them fixed, for trusted poses)
-    use_pose_priors: bool = True
-    pose_prior_weight: float = 0.0
-    align_to_priors: bool = True
-    min_keyframes: int = 2
+from .align.world_frame import express_in_world
+from .types import Keyframe
 
 
 class ReconstructionPipeline:
     """Builds the backend and segmenter once (model loading is slow) and runs reconstructions."""
 
     def __init__(self, cfg: PipelineConfig):
-        from .pointmaps import make_backend
-        from .presegment.base import make_segmenter
+        from .pointmaps import BACKENDS
+        from .presegment.base import SEGMENTERS
 
         self.cfg = cfg
-        bkw = dict(cfg.backend_kwargs)
-        if cfg.backend != "rgbd":  # the rgbd backend is numpy/OpenCV only
-            bkw.setdefault("device", cfg.device)
-        self.backend = make_backend(cfg.backend, **bkw)
-        self.segmenter = make_segmenter(cfg.segmenter, device=cfg.device, **cfg.segmenter_kwargs) \
-            if cfg.segmenter == "sam2" else make_segmenter(cfg.segmenter, **cfg.segmenter_kwargs)
+        self.backend = BACKENDS.create(cfg.backend, **_with_device(BACKENDS, cfg.backend, cfg.backend_kwargs, cfg.device))
+        self.segmenter = SEGMENTERS.create(cfg.segmenter, **_with_device(SEGMENTERS, cfg.segmenter,
+                                                                          cfg.segmenter_kwargs, cfg.device))
 
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
@@ -64,19 +40,21 @@ class ReconstructionPipeline:
 
         cfg = self.cfg
         kfs = list(keyframes)
-        if len(kfs) < max(2, cfg.min_keyframes):
-            raise PipelineError(f"reconstruction needs at least {max(2, cfg.min_keyframes)} keyframes, "
+        if len(kfs) < 2:
+            raise PipelineError("reconstruction needs at least 2 keyframes, "
                                 f"the buffer holds {len(kfs)}")
         shapes = {kf.rgb.shape for kf in kfs}
         if len(shapes) != 1:
             raise PipelineError(f"keyframes have different image sizes {sorted(shapes)}; "
                                 "the camera resolution changed mid-buffer: reset and start again")
         say = progress or (lambda stage, frac: None)
+        # without use_pose_priors, known poses only place the result in the world frame
+        inner = kfs if cfg.use_pose_priors else [replace(kf, pose_prior=None) for kf in kfs]
         t = {}
         t0 = time.perf_counter()
         pairs = self.backend.make_pairs(len(kfs), cfg.scene_graph)
         say("pointmaps", 0.0)
-        preds = self.backend.predict_pairs(kfs, pairs, cancel=cancel)
+        preds = self.backend.predict_pairs(inner, pairs, cancel=cancel)
         t["pointmaps_s"] = time.perf_counter() - t0
         check_cancel(cancel, "reconstruction")
 
@@ -98,8 +76,8 @@ class ReconstructionPipeline:
         t2 = time.perf_counter()
         say("alignment", 0.5)
         priors = None
-        if cfg.use_pose_priors and cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in kfs):
-            priors = np.stack([kf.pose_prior for kf in kfs])
+        if cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in inner):
+            priors = np.stack([kf.pose_prior for kf in inner])
         try:
             scene = align_global(preds, num_views=len(kfs), soft_masks=soft, known_poses=priors,
                                  pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
@@ -116,8 +94,10 @@ class ReconstructionPipeline:
         scene.stamps = np.array([kf.stamp for kf in kfs], dtype=np.float64)
         # metric depth: only a rigid transform to the pose priors, never a rescale to drifting odometry
         scene.metric = scene.metric or preds.metric
-        priors_all = [kf.pose_prior for kf in kfs]
-        self._express_in_world(scene, priors_all if cfg.align_to_priors else [None] * len(kfs))
+        fit = express_in_world(scene, [kf.pose_prior for kf in kfs])
+        scene.info["world_fit"] = {"mode": fit.mode, "used": fit.used, "outliers": fit.outliers,
+                                   "scale": fit.s, "scaled": fit.scaled, "rot_err_deg": fit.rot_err_deg,
+                                   "centre_err_m": fit.centre_err_m}
 
         # mask cache with global ids
         t3 = time.perf_counter()
@@ -143,31 +123,10 @@ class ReconstructionPipeline:
             return np.stack([kf.rgb for kf in kfs])
         return np.stack([cv2.resize(kf.rgb, (shape[1], shape[0]), interpolation=cv2.INTER_AREA) for kf in kfs])
 
-    @staticmethod
-    def _express_in_world(scene: AlignedScene, priors: Sequence[Optional[np.ndarray]]):
-        """Sim(3)-align the reconstruction to known camera poses (odometry/TF) so the scene comes
-        out in the robot's frame at metric scale; without poses, anchor it at the first keyframe."""
-        known = [i for i, p in enumerate(priors) if p is not None]
-        if len(known) >= 3:
-            src = scene.poses[known, :3, 3]
-            dst = np.stack([priors[i][:3, 3] for i in known])
-            spread = np.linalg.norm(dst - dst.mean(0), axis=1).max()
-            if spread > 1e-3:
-                s, R, t = umeyama(src, dst, with_scale=not scene.metric)
-                _apply_similarity(scene, s, R, t)
-                return
-        if known:
-            i = known[0]
-            M = priors[i] @ invert_pose(scene.poses[i])
-            _apply_similarity(scene, 1.0, M[:3, :3], M[:3, 3])
-            return
-        M = invert_pose(scene.poses[0])
-        _apply_similarity(scene, 1.0, M[:3, :3], M[:3, 3])
 
-
-def _apply_similarity(scene: AlignedScene, s: float, R: np.ndarray, t: np.ndarray):
-    T = np.eye(4)
-    T[:3, :3] = s * R
-    T[:3, 3] = t
-    scene.pts3d = transform_points(T, scene.pts3d.astype(np.float32)).astype(np.float32)
-    scene.poses = apply_sim3_to_poses(s, R, t, scene.poses)
+def _with_device(registry, name: str, kwargs: dict, device: str) -> dict:
+    """Constructor keywords with the configured device added for models that take one."""
+    kw = dict(kwargs)
+    if registry.entry(name).uses_device:
+        kw.setdefault("device", device)
+    return kw

@@ -78,6 +78,8 @@ class AlignedScene:
     mask_cache: the per-view object masks, or None before segmentation
     frame_id: the frame the points are expressed in
     metric: True when the scale is metric (depth or known poses)
+    stamps: V keyframe time stamps (s) or None
+    info: diagnostics of how the scene was made (e.g. ``world_fit``: the fit to known poses)
     """
 
     pts3d: np.ndarray
@@ -92,6 +94,7 @@ class AlignedScene:
     frame_id: str = "map"
     metric: bool = True
     stamps: Optional[np.ndarray] = None
+    info: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_views(self) -> int:

@@ -44,7 +44,8 @@ from ..core.output import cloud as corecloud
 from ..core.output import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 from ..core.errors import Cancelled
-from ..core.pipeline import PipelineConfig, ReconstructionPipeline
+from ..core.config import PipelineConfig
+from ..core.pipeline import ReconstructionPipeline
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
                      check_scene_graph)

@@ -15,28 +15,8 @@ from itertools import permutations
 import numpy as np
 import torch
 
+from ..core.geometry import look_at, rotation_from_rotvec
 from ..core.types import PairwisePredictions
-
-
-def _rotvec(v):
-    th = np.linalg.norm(v)
-    if th < 1e-12:
-        return np.eye(3)
-    k = v / th
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * K @ K
-
-
-def look_at(eye, target, up=(0.0, 0.0, 1.0)):
-    eye = np.asarray(eye, float)
-    z = np.asarray(target, float) - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, up)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    T = np.eye(4)
-    T[:3, 0], T[:3, 1], T[:3, 2], T[:3, 3] = x, y, z, eye
-    return T
 
 
 @dataclass
@@ -117,7 +97,7 @@ def synthetic_predictions(depth, K, poses, edges=None, seed=0, scale_range=(0.5,
         b = cam_pts[j] @ Tij[:3, :3].T + Tij[:3, 3]
         med = float(np.median(depth[i][valid[i]]))
         s = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
-        R = _rotvec(rng.normal(size=3) / np.sqrt(3) * np.deg2rad(rot_deg))
+        R = rotation_from_rotvec(rng.normal(size=3) / np.sqrt(3) * np.deg2rad(rot_deg))
         t = rng.normal(size=3) * trans_frac * med
         out = []
         for k, (pts, vmask, dsrc) in enumerate(((a, valid[i], depth[i]), (b, valid[j], depth[j]))):

@@ -26,6 +26,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ..core.geometry import look_at, rotation_from_rotvec
+
 FLOOR_ID = 1
 WALL_ID = 2
 TABLE_ID = 3
@@ -296,20 +298,6 @@ def intrinsics(width: int, height: int, fov_deg: float = 60.0) -> np.ndarray:
     return np.array([[f, 0.0, (width - 1) / 2.0], [0.0, f, (height - 1) / 2.0], [0.0, 0.0, 1.0]])
 
 
-def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """Camera-to-world pose (OpenCV axes) at ``eye`` looking at ``target``."""
-    eye = np.asarray(eye, float)
-    z = _normalize(np.asarray(target, float) - eye)
-    x = np.cross(z, np.asarray(up, float))
-    if np.linalg.norm(x) < 1e-9:
-        x = np.cross(z, np.array([0.0, 1.0, 0.0]))
-    x = _normalize(x)
-    y = np.cross(z, x)
-    T = np.eye(4)
-    T[:3, 0], T[:3, 1], T[:3, 2], T[:3, 3] = x, y, z, eye
-    return T
-
-
 def camera_trajectory(n_views: int, scene: SceneDef, radius: float = 1.6, height: float = 1.1,
                       arc_deg: float = 100.0, seed: int = 0) -> np.ndarray:
     """(n, 4, 4) camera-to-world poses on a horizontal arc (centred on the -y side of the table)
@@ -328,15 +316,6 @@ def camera_trajectory(n_views: int, scene: SceneDef, radius: float = 1.6, height
     return poses
 
 
-def _rodrigues(rotvec: np.ndarray) -> np.ndarray:
-    th = np.linalg.norm(rotvec)
-    if th < 1e-12:
-        return np.eye(3)
-    k = rotvec / th
-    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * Kx + (1 - np.cos(th)) * Kx @ Kx
-
-
 def add_odometry_drift(poses: np.ndarray, seed: int = 0, trans_sigma: float = 0.01,
                        rot_sigma_deg: float = 0.5) -> np.ndarray:
     """Odometry-like poses: each relative motion ``inv(T_{k-1}) T_k`` is perturbed by a random
@@ -350,7 +329,7 @@ def add_odometry_drift(poses: np.ndarray, seed: int = 0, trans_sigma: float = 0.
     for k in range(1, len(poses)):
         rel = np.linalg.inv(poses[k - 1]) @ poses[k]
         E = np.eye(4)
-        E[:3, :3] = _rodrigues(np.deg2rad(rng.normal(0.0, rot_sigma_deg, 3)))
+        E[:3, :3] = rotation_from_rotvec(np.deg2rad(rng.normal(0.0, rot_sigma_deg, 3)))
         E[:3, 3] = rng.normal(0.0, trans_sigma, 3)
         out[k] = out[k - 1] @ rel @ E
         # re-orthonormalise against round-off

@@ -9,30 +9,24 @@ Create one by name with :func:`make_backend`:
 """
 from __future__ import annotations
 
-import importlib
-
+from ..registry import Entry, Registry
 from .base import BackendError, PointmapBackend
 from .scene_graph import make_pairs
 
-__all__ = ["BackendError", "PointmapBackend", "make_pairs", "make_backend", "available_backends"]
+__all__ = ["BACKENDS", "BackendError", "PointmapBackend", "make_pairs", "make_backend", "available_backends"]
 
-_BACKENDS = {
-    "rgbd": ("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend"),
-    "dust3r": ("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend"),
-    "mast3r": ("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend"),
-}
+_D3 = {"dust3r.checkpoint": "model", "dust3r.image_size": "image_size", "dust3r.batch_size": "batch_size"}
+BACKENDS = Registry("reconstruction backend", BackendError, {
+    "rgbd": Entry("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend"),
+    "dust3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
+    "mast3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
+})
 
 
 def available_backends():
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def make_backend(name: str, **kw) -> PointmapBackend:
     """Instantiate the backend ``name`` (``rgbd`` | ``dust3r`` | ``mast3r``) with keyword options."""
-    key = str(name).lower().strip()
-    if key not in _BACKENDS:
-        raise BackendError(f"unknown reconstruction backend {name!r}; choose one of "
-                           f"{', '.join(available_backends())}")
-    mod_name, cls_name = _BACKENDS[key]
-    mod = importlib.import_module(mod_name)
-    return getattr(mod, cls_name)(**kw)
+    return BACKENDS.create(name, **kw)

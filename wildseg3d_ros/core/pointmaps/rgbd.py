@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
+from ..geometry import backproject_depth, invert_pose, pose_delta, rotation_from_rotvec, transform_points
 from ..types import Keyframe, PairwisePredictions
 from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
 from .base import Pair, PointmapBackend
@@ -104,21 +104,6 @@ def organised_normals(pts: np.ndarray, valid: np.ndarray, step: int = 1) -> Tupl
 # ----------------------------------------------------------------------------------------------
 # Small SE(3) helpers
 # ----------------------------------------------------------------------------------------------
-def _rodrigues(w: np.ndarray) -> np.ndarray:
-    th = float(np.linalg.norm(w))
-    if th < 1e-12:
-        return np.eye(3)
-    k = w / th
-    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * Kx + (1 - np.cos(th)) * Kx @ Kx
-
-
-def pose_delta(A: np.ndarray, B: np.ndarray) -> Tuple[float, float]:
-    """(rotation degrees, translation) of ``inv(A) @ B``."""
-    D = invert_pose(A) @ B
-    return float(rotation_angle_deg(D[:3, :3])), float(np.linalg.norm(D[:3, 3]))
-
-
 # ----------------------------------------------------------------------------------------------
 # Point-to-plane ICP
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +201,7 @@ def icp_point_to_plane(src: np.ndarray, tgt_pts: np.ndarray, tgt_nrm: np.ndarray
             Hm = Hm + 1e-9 * np.trace(Hm) * np.eye(6)
             x = -np.linalg.solve(Hm, g)
             dT = np.eye(4)
-            dT[:3, :3] = _rodrigues(x[:3])
+            dT[:3, :3] = rotation_from_rotvec(x[:3])
             dT[:3, 3] = x[3:]
             T = dT @ T
             it_total += 1
@@ -476,7 +461,7 @@ class RgbdBackend(PointmapBackend):
                                   feat_sigma_factor=1.0 / max(self.icp_feature_weight, 1e-9))
 
     def _within(self, A: np.ndarray, B: np.ndarray) -> bool:
-        dr, dt = pose_delta(A, B)
+        dt, dr = pose_delta(A, B)
         return dr <= self.max_icp_correction[0] and dt <= self.max_icp_correction[1]
 
     def register_pair(self, fi: _Frame, fj: _Frame, prior_ij: Optional[np.ndarray], i: int = 0,

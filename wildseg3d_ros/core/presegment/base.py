@@ -24,12 +24,12 @@ Backends are created by name with :func:`make_segmenter`:
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import Optional
 
 import numpy as np
 
 from ..errors import CancelFn, ProgressFn, SegmenterError
+from ..registry import Entry, Registry
 from ..types import MaskCache
 
 
@@ -74,34 +74,20 @@ class Segmenter(abc.ABC):
         """Release resources (GPU memory, ...). Default: nothing."""
 
 
-_BACKENDS = {
-    "classical": (".classical", "ClassicalSegmenter"),
-    "sam2": (".sam2", "Sam2Segmenter"),
-}
+SEGMENTERS = Registry("segmenter", SegmenterError, {
+    "classical": Entry("wildseg3d_ros.core.presegment.classical", "ClassicalSegmenter"),
+    "sam2": Entry("wildseg3d_ros.core.presegment.sam2", "Sam2Segmenter",
+                  {"sam2.config": "config", "sam2.checkpoint": "checkpoint",
+                   "sam2.points_per_side": "points_per_side"}, uses_device=True,
+                  import_hint="Install the 'sam2' Python package (pip install sam2, needs torch + torchvision) "
+                              "or use segmenter 'classical'"),
+})
 
 
 def available_backends():
-    return sorted(_BACKENDS)
+    return SEGMENTERS.names()
 
 
 def make_segmenter(name: str, **kwargs) -> Segmenter:
-    """Create a backend by name (``'classical'`` or ``'sam2'``); kwargs go to its constructor."""
-    key = str(name).strip().lower()
-    if key not in _BACKENDS:
-        raise SegmenterError(
-            f"unknown segmenter backend {name!r}; choose one of {available_backends()}")
-    modname, clsname = _BACKENDS[key]
-    try:
-        mod = importlib.import_module(modname, package=__package__)
-    except ImportError as exc:
-        if key == "sam2":
-            raise SegmenterError(
-                "the 'sam2' segmenter backend is unavailable: could not import "
-                f"wildseg3d_ros.core.presegment.sam2 ({exc}). Install the 'sam2' Python package "
-                "(pip install sam2, needs torch + torchvision) or use segmenter 'classical'."
-            ) from exc
-        raise SegmenterError(f"cannot import segmenter backend {name!r}: {exc}") from exc
-    cls = getattr(mod, clsname, None)
-    if cls is None:
-        raise SegmenterError(f"backend module {modname} defines no {clsname}")
-    return cls(**kwargs)
+    """Create a segmenter by name (``'classical'`` or ``'sam2'``); kwargs go to its constructor."""
+    return SEGMENTERS.create(name, **kwargs)
