@@ -44,7 +44,7 @@ from ..core.output import cloud as corecloud
 from ..core.output import store
 from ..core.keyframes import KeyframeBuffer, KeyframePolicy
 from ..core.errors import Cancelled
-from ..core.config import PipelineConfig
+from ..core.config import PipelineConfig, check_flat, keyframe_policy_from_flat
 from ..core.pipeline import ReconstructionPipeline
 from . import convert
 from .params import (ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param,
@@ -99,6 +99,9 @@ PARAMS = [
     ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500).", 1, 10000),
     ParamSpec("dga.weighting", "dga", "Per-point weights: dga (paper) or confidence (DUSt3R baseline).",
               choices=("dga", "confidence")),
+    ParamSpec("dga.pose_prior_weight", 0.0, "Tie the aligner's camera poses to the known ones (odometry / "
+              "pose / TF): 0 = poses only initialise and place the result in world_frame; > 0 a soft penalty; "
+              "a large value (e.g. 1e4) for exact poses (motion capture).", 0.0, 1e9),
     ParamSpec("dga.match_threshold", 0.03, "Reciprocal-NN match distance, relative to depth.", 1e-4, 1.0),
     ParamSpec("use_pose_priors", True, "Use known camera poses as alignment priors."),
     ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),
@@ -110,20 +113,8 @@ PARAMS = [
 
 
 def _validate_combination(v) -> Optional[str]:
-    """Cross-parameter checks (the ParameterTable validator): the keyframe policy as a whole."""
-    try:
-        KeyframePolicy(min_interval_s=v["keyframes.min_interval_s"], min_translation_m=v["keyframes.min_translation_m"],
-                       min_rotation_deg=v["keyframes.min_rotation_deg"], min_flow_px=v["keyframes.min_flow_px"],
-                       min_sharpness=v["keyframes.min_sharpness"],
-                       max_keyframes=v["keyframes.max_keyframes"]).validate()
-    except ValueError as e:
-        return f"keyframe policy refused: {e}"
-    if v["keyframes.reconstruct_at"] > v["keyframes.max_keyframes"]:
-        return (f"keyframes.reconstruct_at={v['keyframes.reconstruct_at']} exceeds keyframes.max_keyframes="
-                f"{v['keyframes.max_keyframes']}: the automatic reconstruction would never trigger")
-    if v["keyframes.reconstruct_at"] == 1:
-        return "keyframes.reconstruct_at=1: a reconstruction needs at least 2 keyframes (0 disables)"
-    return None
+    """Cross-parameter checks (the ParameterTable validator), shared with every front end."""
+    return check_flat(v)
 
 
 class _Rate:
@@ -235,10 +226,7 @@ class ReconstructionNode(NodeCommonMixin, Node):
 
     # ------------------------------------------------------------------ parameters
     def _policy(self) -> KeyframePolicy:
-        g = self.params.grouped("keyframes")
-        return KeyframePolicy(min_interval_s=g["min_interval_s"], min_translation_m=g["min_translation_m"],
-                              min_rotation_deg=g["min_rotation_deg"], min_flow_px=g["min_flow_px"],
-                              min_sharpness=g["min_sharpness"], max_keyframes=g["max_keyframes"])
+        return keyframe_policy_from_flat(self.params.values)
 
     def _on_params_changed(self, changed):
         if any(k.startswith("keyframes.") for k in changed):
@@ -249,27 +237,13 @@ class ReconstructionNode(NodeCommonMixin, Node):
 
 
     def _pipeline_config(self) -> PipelineConfig:
-        p = self.params
-        backend_kwargs = {}
-        if p["backend"] == "dust3r":
-            backend_kwargs = dict(model=p["dust3r.checkpoint"] or None, image_size=p["dust3r.image_size"],
-                                  batch_size=p["dust3r.batch_size"])
-        seg_kwargs = {}
-        if p["segmenter"] == "sam2":
-            seg_kwargs = dict(config=p["sam2.config"], checkpoint=p["sam2.checkpoint"],
-                              points_per_side=p["sam2.points_per_side"])
-        return PipelineConfig(backend=p["backend"], backend_kwargs=backend_kwargs, segmenter=p["segmenter"],
-                              segmenter_kwargs=seg_kwargs, scene_graph=p["scene_graph"], device=p["device"],
-                              alpha_p=p["dga.alpha_p"], alpha_n=p["dga.alpha_n"], iterations=p["dga.iterations"],
-                              weighting=p["dga.weighting"], match_threshold=p["dga.match_threshold"],
-                              use_pose_priors=p["use_pose_priors"])
+        return PipelineConfig.from_flat(self.params.values)
 
     def _ensure_pipeline(self) -> Optional[ReconstructionPipeline]:
         """Build backend + segmenter for the current parameters (slow for models); on failure the
         node stays up and reports the error in the log and in diagnostics."""
         cfg = self._pipeline_config()
-        key = (cfg.backend, tuple(sorted(cfg.backend_kwargs.items())), cfg.segmenter,
-               tuple(sorted(cfg.segmenter_kwargs.items())), cfg.device)
+        key = cfg.model_key()
         with self._lock:
             if self._pipeline is not None and self._pipeline_key == key:
                 self._pipeline.cfg = cfg
