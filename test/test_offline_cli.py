@@ -27,7 +27,8 @@ from wildseg3d_ros.core.camera.image_codec import encode_compressed
 from wildseg3d_ros.core.output.ply import read_ply
 from wildseg3d_ros.sim.tabletop import render_sequence
 from wildseg3d_ros.eval import datasets
-from wildseg3d_ros.apps.offline import BagSource, ImageFolderSource, run_segment
+from wildseg3d_ros.apps.offline import run_segment
+from wildseg3d_ros.core.camera.sources import BagSource, ImageFolderSource
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -214,7 +215,7 @@ def test_mcap_bag_decoding_matches_source(seq, tmp_path):
                     compressed=True, depth_float=True)
     mcap = next(bag.glob("*.mcap"))
     for path in (bag, mcap):
-        src = BagSource(path, None, None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1, quiet=True)
+        src = BagSource(path, None, None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1)
         assert src.image_topic == "/camera/color/image_raw/compressed" and src.has_depth
         frames = list(src.frames())
         assert [f.index for f in frames] == [0, 1, 2, 3, 4]
@@ -223,13 +224,12 @@ def test_mcap_bag_decoding_matches_source(seq, tmp_path):
             assert np.array_equal(f.depth, seq.depth[i])
             assert np.allclose(f.K, seq.K) and np.allclose(f.pose, seq.poses[i], atol=1e-9)
             assert abs(f.stamp - (100 + seq.stamps[i])) < 1e-6
-        sub = list(BagSource(path, None, None, None, None, None, every=2, sync_tol=0.05, pose_tol=0.1,
-                             quiet=True).frames([0, 2]))
+        sub = list(BagSource(path, None, None, None, None, None, every=2, sync_tol=0.05, pose_tol=0.1).frames([0, 2]))
         assert [f.index for f in sub] == [0, 4]
     # an explicit wrong topic is a clear error listing the bag's topics
-    from wildseg3d_ros.apps.offline import InputError
+    from wildseg3d_ros.core.errors import InputError
     with pytest.raises(InputError, match="not in the bag.*camera_info"):
-        BagSource(bag, "/nope", None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1, quiet=True)
+        BagSource(bag, "/nope", None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1)
 
 
 def test_rgb_only_input_needs_dust3r(seq, tmp_path):
@@ -298,7 +298,7 @@ def test_rgbd_room_mcap_bag(tmp_path):
         lines.append(" ".join(f"{x:.9f}" for x in [*poses[i][:3, 3], *q]))
     (fold / "pose.txt").write_text("\n".join(lines) + "\n")
     fsrc = ImageFolderSource(fold, None, fold / "pose.txt", (K[0, 0], K[1, 1], K[0, 2], K[1, 2]), 0.001, 1, 10.0)
-    bsrc = BagSource(bag, None, None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1, quiet=True)
+    bsrc = BagSource(bag, None, None, None, None, None, every=1, sync_tol=0.05, pose_tol=0.1)
     for a, b in zip(fsrc.frames(), bsrc.frames()):
         assert np.array_equal(a.rgb, b.rgb) and np.allclose(a.depth, b.depth, atol=5e-4)
         assert np.allclose(a.pose, b.pose, atol=1e-6) and np.allclose(a.K, b.K)
@@ -331,7 +331,8 @@ def test_rgbd_room_mcap_bag(tmp_path):
 def test_video_sampling_and_uniform_selection(seq, tmp_path):
     """A video (OpenCV, MJPG .avi): --every K keeps frames 0, K, 2K...; uniform selection picks
     evenly spaced ones; without intrinsics a 60-degree field of view is assumed."""
-    from wildseg3d_ros.apps.offline import VideoSource, guess_K, select_keyframes
+    from wildseg3d_ros.apps.offline import select_frames
+    from wildseg3d_ros.core.camera.sources import VideoSource, guess_K
     path = tmp_path / "clip.avi"
     wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (W, H))
     if not wr.isOpened():
@@ -350,7 +351,7 @@ def test_video_sampling_and_uniform_selection(seq, tmp_path):
         assert abs(f.stamp - f.index / 10.0) < 1e-6
     args = _args("--input", str(path), "--out", str(tmp_path / "o"), "--every", "3", "--max-frames", "3",
                  "--select", "uniform", "--backend", "dust3r")
-    kfs, stats = select_keyframes(src, args)
+    kfs, stats = select_frames(src, args)
     assert [f.index for f in kfs] == [0, 6, 9]  # positions round(linspace(0, 3, 3)) = 0, 2, 3
     assert stats["candidate_frames"] == 4
     assert np.allclose(kfs[0].K, guess_K(W, H, 60.0))
@@ -360,7 +361,8 @@ def test_dust3r_resolution_mapping_of_frames_and_clicks(seq):
     """For the dust3r backend the keyframes are brought to the network resolution (load_images'
     resize + crop, K adjusted) before the pipeline, and clicks follow: a click on an input pixel
     lands on the same scene point (checked through the adjusted K with the ground-truth depth)."""
-    from wildseg3d_ros.apps.offline import Frame, _to_network_resolution
+    from wildseg3d_ros.apps.offline import _to_network_resolution
+    from wildseg3d_ros.core.camera.sources import Frame
     big = render_sequence(2, 640, 480, seed=0)
     frames = [Frame(i, float(i), big.rgb[i].copy(), big.K.copy(), big.depth[i].copy()) for i in range(2)]
     maps = _to_network_resolution(frames, 512)

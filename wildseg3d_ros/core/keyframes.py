@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import cv2
@@ -54,7 +54,8 @@ from .geometry import pose_delta
 from .camera.image_codec import ImageDecodeError, validate_camera_info
 from .types import Keyframe
 
-__all__ = ["KeyframePolicy", "KeyframeBuffer", "sharpness", "pose_delta", "image_flow"]
+__all__ = ["KeyframePolicy", "KeyframeBuffer", "sharpness", "pose_delta", "image_flow", "select_keyframes",
+           "uniform_positions"]
 
 
 @dataclass
@@ -348,3 +349,53 @@ class KeyframeBuffer:
     def __len__(self) -> int:
         with self._lock:
             return len(self._kfs)
+
+
+# ---------------------------------------------------------------------------------------------
+# selection from a finite recording (the offline tool)
+# ---------------------------------------------------------------------------------------------
+def uniform_positions(n: int, k: int) -> List[int]:
+    """``k`` evenly spaced positions in ``range(n)`` (first and last included)."""
+    if n <= k:
+        return list(range(n))
+    return sorted(set(int(round(x)) for x in np.linspace(0, n - 1, k)))
+
+
+def select_keyframes(source, mode: str, max_frames: int, policy: Optional[KeyframePolicy] = None,
+                     prepare=None, progress=None):
+    """Keyframes of a finite frame source (anything with ``count()`` and ``frames(positions)``
+    yielding objects with ``index, stamp, rgb, K, depth, pose, frame_id``, e.g.
+    :mod:`wildseg3d_ros.core.camera.sources`) and selection statistics.
+
+    mode 'uniform': ``max_frames`` evenly spaced frames; 'keyframes': the node's
+    :class:`KeyframeBuffer` policy (motion, sharpness, redundancy eviction) with ``max_keyframes =
+    max(2, max_frames)``. ``prepare(frame) -> frame`` runs on every frame first (e.g. to fill in a
+    missing K); ``progress(fraction, message)`` is called per frame."""
+    n = source.count()
+    stats = {"candidate_frames": n, "mode": mode}
+    prepare = prepare or (lambda f: f)
+    if mode == "uniform":
+        pos = uniform_positions(n, max_frames)
+        kept = []
+        for k, fr in enumerate(source.frames(pos)):
+            kept.append(prepare(fr))
+            if progress is not None:
+                progress((k + 1) / max(len(pos), 1), "read frames")
+        return kept, stats
+    if mode != "keyframes":
+        raise ValueError(f"selection mode must be 'keyframes' or 'uniform', got {mode!r}")
+    policy = replace(policy or KeyframePolicy(), max_keyframes=max(2, int(max_frames)))
+    buf = KeyframeBuffer(policy)
+    frames: Dict[int, object] = {}
+    for k, fr in enumerate(source.frames(None)):
+        fr = prepare(fr)
+        ok, _reason = buf.offer(fr.rgb, fr.stamp, fr.K, fr.depth, fr.pose, fr.frame_id)
+        if ok:
+            frames[fr.index] = fr
+            live = set(buf.stamps())
+            frames = {i: f for i, f in frames.items() if f.stamp in live}
+        if progress is not None:
+            progress((k + 1) / max(n, 1), "select keyframes")
+    kept = sorted(frames.values(), key=lambda f: f.stamp)
+    stats.update({key: int(v) for key, v in buf.stats().items()})
+    return kept, stats

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from . import image_codec
+from ..errors import InputError
 from ..geometry import pose_from_xyz_quat, rot_to_quat_xyzw
 
 __all__ = ["CameraIntrinsics", "BagMessage", "BagTopics", "write_bag", "read_bag", "bag_info",
@@ -253,16 +254,56 @@ class BagMessage(NamedTuple):
     raw: bytes              # CDR bytes as stored
 
 
-def _stamp_of(msg, log_ns: int) -> float:
-    h = getattr(msg, "header", None)
-    if h is None:
-        return log_ns * 1e-9
-    return float(h.stamp.sec) + 1e-9 * float(h.stamp.nanosec)
+def message_stamp(msg, log_ns: int) -> float:
+    """Header stamp (s) of a deserialised message; its log time when it has no (or a zero) stamp."""
+    try:
+        t = float(msg.header.stamp.sec) + 1e-9 * float(msg.header.stamp.nanosec)
+        if t > 0:
+            return t
+    except AttributeError:
+        pass
+    return log_ns * 1e-9
 
 
 def _pose_matrix(p) -> np.ndarray:
     return pose_from_xyz_quat([p.position.x, p.position.y, p.position.z],
                               [p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w])
+
+
+def pose_of_message(msg) -> Optional[np.ndarray]:
+    """Camera-to-world 4x4 of a PoseStamped / Odometry / PoseWithCovarianceStamped, or None when
+    it is not a valid pose (zero or non-finite quaternion)."""
+    p = msg.pose
+    if hasattr(p, "pose"):  # Odometry / PoseWithCovarianceStamped
+        p = p.pose
+    try:
+        T = _pose_matrix(p)
+    except ValueError:
+        return None
+    return T if np.isfinite(T).all() else None
+
+
+def decode_colour(msgtype: str, msg, max_pixels: Optional[int] = None) -> np.ndarray:
+    """H x W x 3 uint8 RGB of an Image / CompressedImage (ValueError for a non-colour image)."""
+    if msgtype == COMPRESSED_T:
+        out = image_codec.decode_compressed(msg.format, msg.data, max_pixels=max_pixels)
+    else:
+        out = image_codec.decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.data,
+                                       msg.is_bigendian, max_pixels=max_pixels)
+    if out.ndim != 3:
+        raise ValueError(f"carries {getattr(msg, 'encoding', getattr(msg, 'format', '?'))!r} (not colour)")
+    return out
+
+
+def decode_depth_message(msgtype: str, msg, max_pixels: Optional[int] = None) -> np.ndarray:
+    """H x W float32 metres of a depth Image (16UC1 mm, 32FC1 m) or compressedDepth message."""
+    if msgtype == COMPRESSED_T:
+        d = image_codec.decode_compressed(msg.format, msg.data, max_pixels=max_pixels)
+        if d.ndim != 2:
+            raise ValueError(f"carries a colour image ({msg.format!r}), not depth")
+        return d
+    return image_codec.decode_depth(msg.encoding, msg.height, msg.width, msg.step, msg.data,
+                                    msg.is_bigendian, max_pixels)[0]
 
 
 def decode_message(msgtype: str, msg, max_pixels: Optional[int] = None):
@@ -280,22 +321,47 @@ def decode_message(msgtype: str, msg, max_pixels: Optional[int] = None):
     if msgtype == INFO_T:
         return CameraIntrinsics(np.asarray(msg.k, np.float64).reshape(3, 3), int(msg.width), int(msg.height),
                                 str(msg.distortion_model), np.asarray(msg.d, np.float64))
-    if msgtype == POSE_T:
-        return _pose_matrix(msg.pose)
-    if msgtype == ODOM_T:
-        return _pose_matrix(msg.pose.pose)
+    if msgtype in (POSE_T, ODOM_T):
+        return pose_of_message(msg)
     return None
 
 
-def _open_reader(path):
+def open_bag(path):
+    """(reader, close) for a rosbag2 folder (``metadata.yaml``), a folder holding one .mcap/.db3
+    file, or a single .mcap/.db3 file; the reader has ``.connections`` and
+    ``.messages(connections=...)`` (rosbags). InputError when it is none of these."""
     from rosbags.rosbag2 import Reader
 
-    return Reader(Path(path))
+    path = Path(path)
+    if path.is_dir():
+        if (path / "metadata.yaml").exists():
+            r = Reader(path)
+            r.open()
+            return r, r.close
+        files = sorted(list(path.glob("*.mcap")) + list(path.glob("*.db3")))
+        if len(files) != 1:
+            raise InputError(f"{path} has no metadata.yaml and {len(files)} .mcap/.db3 files: "
+                             "pass the bag folder of a rosbag2 recording or a single .mcap/.db3 file")
+        path = files[0]
+    suffix = path.suffix.lower()
+    if suffix == ".mcap":
+        from rosbags.rosbag2.storage_mcap import McapReader as Storage
+    elif suffix == ".db3":
+        from rosbags.rosbag2.storage_sqlite3 import Sqlite3Reader as Storage
+    else:
+        raise InputError(f"{path}: not a rosbag2 storage file (.mcap or .db3)")
+    s = Storage(path)
+    s.open()
+    if hasattr(s, "read_index") and not getattr(s, "connections", None):
+        s.read_index()
+    return s, s.close
 
 
 def bag_info(path) -> Dict[str, object]:
     """Storage, duration (s), message count and {topic: (msgtype, count)} of a rosbag2 folder."""
-    with _open_reader(path) as r:
+    from rosbags.rosbag2 import Reader
+
+    with Reader(Path(path)) as r:
         files = [p.suffix for p in Path(path).iterdir()]
         storage = "mcap" if ".mcap" in files else "sqlite3" if ".db3" in files else "?"
         return {"storage": storage, "duration_s": r.duration * 1e-9, "message_count": r.message_count,
@@ -311,7 +377,8 @@ def read_bag(path, topics: Optional[Iterable[str]] = None, distro: str = "kilted
     image decoding; the player uses ``raw``). Message types not in the typestore are
     registered from the definitions stored in the bag."""
     ts = typestore_for(distro)
-    with _open_reader(path) as r:
+    r, close = open_bag(path)
+    try:
         conns = [c for c in r.connections if topics is None or c.topic in set(topics)]
         for c in conns:
             if c.msgtype not in ts.types and c.msgdef and c.msgdef.data:
@@ -329,4 +396,6 @@ def read_bag(path, topics: Optional[Iterable[str]] = None, distro: str = "kilted
                 continue
             msg = ts.deserialize_cdr(raw, c.msgtype)
             value = decode_message(c.msgtype, msg, max_pixels) if decode else None
-            yield BagMessage(c.topic, _stamp_of(msg, t_ns), value, c.msgtype, int(t_ns), msg, bytes(raw))
+            yield BagMessage(c.topic, message_stamp(msg, t_ns), value, c.msgtype, int(t_ns), msg, bytes(raw))
+    finally:
+        close()
