@@ -84,7 +84,7 @@ class Rig:
         before = dict(self.node.stats)
         n0 = processed(self.node)
         self.pub["info"].publish(convert.make_camera_info(K, W, H, stamp, "camera"))
-        wait_for(lambda: self.node._K is not None, 2.0)
+        wait_for(lambda: self.node.frames.K is not None, 2.0)
         for d in depth_msgs:
             self.pub["depth"].publish(d)
         if pose is not None:

@@ -131,19 +131,13 @@ def _make_node(backend, compressed, namespace=None):
             []))
     node = ReconstructionNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()], **kw)
     times = []
-    inner = node._process_frame
-
     node.processed_stamps = []  # stamps of the frames the keyframe thread actually took
 
-    def timed(msg):  # instance attribute: the keyframe thread looks it up on every frame
-        t = time.perf_counter()
-        node.processed_stamps.append(convert.stamp_to_sec(msg.header.stamp))
-        try:
-            return inner(msg)
-        finally:
-            times.append(time.perf_counter() - t)
+    def processed(frame, outcome, seconds):  # FrameInput seam: after every frame it handled
+        node.processed_stamps.append(frame.stamp)
+        times.append(seconds)
 
-    node._process_frame = timed
+    node.frames.on_processed.append(processed)
     return node, times
 
 

@@ -126,7 +126,7 @@ class Rig:
         stamp = convert.stamp_to_sec(image_msg.header.stamp)
         if info_K is not None:
             self.info(info_K, stamp)
-            assert wait_for(lambda: self.node._K is not None, 3.0)
+            assert wait_for(lambda: self.node.frames.K is not None, 3.0)
         if depth_msg is not None:
             self.pub["depth"].publish(depth_msg)
         if pose is not None:
@@ -215,13 +215,13 @@ def test_bad_camera_input_is_refused_and_the_scene_kept(ros, seq, tmp_path):
         s = rig.stamp()
 
         # CameraInfo with zero focal: refused, previous intrinsics kept
-        K_before = node._K.copy()
+        K_before = node.frames.K.copy()
         Kz = K.copy()
         Kz[0, 0] = 0.0
         n0 = node.stats["bad_camera_info"]
         rig.info(Kz, s)
         assert wait_for(lambda: node.stats["bad_camera_info"] == n0 + 1, 5)
-        assert "focal" in node.last_error and np.array_equal(node._K, K_before)
+        assert "focal" in node.last_error and np.array_equal(node.frames.K, K_before)
         # camera pose with a zero quaternion: refused
         n0 = node.stats["bad_pose"]
         m = Odometry(header=convert.make_header("map", s))

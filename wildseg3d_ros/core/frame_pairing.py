@@ -22,18 +22,19 @@ same rules:
   that expired, each with its reason. A frame waits at most ``expiry_s`` after its arrival for
   its partners — long enough for a reliable transport to resend a lost depth.
 
-Outcome counters (``FramePairer.stats()``), each frame counted once:
+Outcome counters (``FramePairer.stats()``). Every colour frame is counted once among
 ``paired_exact`` / ``paired_approx`` (depth partner found by exact stamp / within the effective
-tolerance; ``paired_no_depth`` when depth is not needed), and the drops ``depth_lost`` (no depth
-arrived before the expiry), ``depth_late`` (its depth arrived after the expiry: a lost frame is
-moved here when that happens), ``pose_late`` (poses expected, none usable before the expiry),
-``pose_unmatched`` (poses around the frame, none within the tolerance), ``no_camera_info``,
-``superseded`` (more than ``max_pending`` frames waiting: the oldest is dropped),
-``duplicate_timestamp`` (a second colour frame of a stamp already waiting). Besides:
+tolerance), ``paired_no_depth`` (depth not needed) and the drops ``depth_lost`` (no depth arrived
+before the expiry), ``depth_late`` (its depth arrived after the expiry: a lost frame is moved
+here when that happens), ``no_camera_info``, ``superseded`` (more than ``max_pending`` frames
+waiting: the oldest is dropped), ``duplicate_timestamp`` (a second colour frame of a stamp
+already waiting) and ``out_of_order`` (not newer than a frame already handed out). Every frame that got past those is counted once among ``pose_exact`` /
+``pose_interpolated`` / ``pose_nearest`` / ``pose_external`` (from ``pose_fn``, e.g. TF) /
+``pose_none`` (no pose expected) / ``pose_late`` (poses expected, none usable before the expiry)
+/ ``pose_unmatched`` (poses around the frame, none within the tolerance); the last two go out
+with ``pose=None`` and the reason in ``detail`` for the consumer to refuse. Besides:
 ``wrong_pair_avoided`` (the plain nearest-within-tolerance rule would have given this frame
-another frame's depth), ``pose_exact`` / ``pose_interpolated`` / ``pose_nearest`` /
-``pose_external`` (from ``pose_fn``, e.g. TF) / ``pose_none``, ``depth_unclaimed`` (depths
-dropped without ever matching a frame).
+another frame's depth) and ``depth_unclaimed`` (depths dropped without ever matching a frame).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import bisect
 import collections
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -225,7 +226,7 @@ class PairingConfig:
     pose_tolerance_s: float = 0.1    #: max |t_colour - t_pose| of a pose neighbour used
     expiry_s: float = 0.5            #: how long a colour frame waits for its partners after it arrived (s)
     max_pending: int = 32            #: colour frames waiting at most (older ones are superseded)
-    max_depths: int = 64             #: depth messages kept for matching
+    max_depths: int = 30             #: depth messages kept for matching
     max_poses: int = 400             #: pose messages kept for interpolation
 
     def validate(self) -> "PairingConfig":
@@ -248,7 +249,7 @@ class PairedFrame:
     depth: Any = None
     depth_stamp: Optional[float] = None
     pose: Optional[np.ndarray] = None
-    pose_source: str = "none"        #: exact | interpolated | nearest | external | none
+    pose_source: str = "none"        #: exact | interpolated | nearest | external | none | late | unmatched
     info: Any = None
     dropped: Optional[str] = None    #: None, or one of the drop counters of the module docstring
     detail: str = ""                 #: what was missing, in words (for the log line)
@@ -269,15 +270,18 @@ class FramePairer:
 
     ``add_*`` are cheap (a sorted insert); call ``poll(now)`` from the consumer thread (after an
     add, or every few tens of ms for the expiries). ``now`` is any monotonic clock in seconds.
-    ``expect_pose`` (attribute) says whether poses are expected (a pose source is connected):
-    then a frame never goes out without one. ``pose_fn(stamp, frame_id) -> 4x4 or None`` is an
+    ``expect_pose`` (attribute) says whether poses are expected (poses are arriving): then a
+    frame never goes out without one (or without ``pose_source`` 'late' / 'unmatched' saying
+    why). ``await_pose``: a pose source is connected but has sent nothing yet: frames wait for a
+    pose up to the expiry, then go out without one. ``pose_fn(stamp, frame_id) -> 4x4 or None`` is an
     optional non-blocking external lookup tried first (e.g. TF)."""
 
     def __init__(self, config: Optional[PairingConfig] = None,
                  pose_fn: Optional[Callable[[float, str], Optional[np.ndarray]]] = None):
         self.config = (config or PairingConfig()).validate()
         self.pose_fn = pose_fn
-        self.expect_pose = False
+        self.expect_pose = False   # poses are required: no frame goes out without one (or its reason)
+        self.await_pose = False    # a pose source exists but sent nothing yet: wait up to the expiry, then go without
         self._lock = threading.Lock()
         self._counts = collections.Counter()
         self._pending: List[_Pending] = []
@@ -295,10 +299,17 @@ class FramePairer:
     # -------------------------------------------------------------------------- inputs
     def add_image(self, stamp: float, image: Any, now: float, frame_id: str = "") -> None:
         """A colour frame arrived (``image`` is kept as it is, e.g. the undecoded message). A frame
-        older than one already handed out still goes through the pairing: the keyframe buffer
-        then refuses it as a backwards / duplicate timestamp, with its own counter."""
+        not newer than one already handed out cannot keep the stamp order: it goes out at the next
+        poll as ``out_of_order`` (the keyframe buffer would refuse it as a backwards / duplicate
+        timestamp anyway; its partners may already be forgotten)."""
         stamp = float(stamp)
         with self._lock:
+            if self._last_out is not None and stamp <= self._last_out + EXACT_S:
+                self._counts["out_of_order"] += 1
+                self._early.append(PairedFrame(stamp, image, frame_id, dropped="out_of_order",
+                                               detail=f"arrived after the frame at t={self._last_out:.6f} was "
+                                               "handed out"))
+                return
             keys = [p.stamp for p in self._pending]
             i = bisect.bisect_right(keys, stamp)
             if i > 0 and abs(keys[i - 1] - stamp) <= EXACT_S:  # the same instant twice: keep the first
@@ -432,19 +443,19 @@ class FramePairer:
                 return self._drop(res, "depth_lost", f"no depth stamped within {etol * 1e3:.1f} ms of the colour "
                                   f"frame arrived within {cfg.expiry_s:g} s" + (
                                       " (the nearest depth belongs to another frame: not used)" if naive >= 0 else ""))
-        # pose
+        # pose: a frame whose pose is missing still goes out (its depth is committed), marked with
+        # pose_source 'late' / 'unmatched' and the reason in ``detail``: the consumer refuses it
+        # after checking the image itself (a broken image is reported as such first)
         pose, how = self._pose_for(p.stamp, p.frame_id, expired)
         if how == "wait":
             return None
-        if how in ("late", "unmatched"):
-            near = self._pose_neighbours(p.stamp)
-            detail = ("no camera pose for its stamp: " + (
-                f"{near}, beyond input.pose_sync_tolerance_s="
-                f"{cfg.pose_tolerance_s:g} s" if how == "unmatched" else
-                f"no pose message covering it arrived within {cfg.expiry_s:g} s ({near})"))
-            return self._drop(res, f"pose_{how}", detail)
         res.pose, res.pose_source = pose, how
         self._counts[f"pose_{how}"] += 1
+        if how in ("late", "unmatched"):
+            near = self._pose_neighbours(p.stamp)
+            res.detail = ("no camera pose for its stamp: " + (
+                f"{near}, beyond input.pose_sync_tolerance_s={cfg.pose_tolerance_s:g} s" if how == "unmatched" else
+                f"no pose message covering it arrived within {cfg.expiry_s:g} s ({near})"))
         # commit the depth
         if cfg.need_depth:
             res.depth, res.depth_stamp = self._ditems[di], self._dstamps[di]
@@ -509,7 +520,7 @@ class FramePairer:
         ps = self._pstamps
         if not ps:
             if not self.expect_pose:
-                return None, "none"
+                return (None, "wait") if self.await_pose and not expired else (None, "none")
             return (None, "late") if expired else (None, "wait")
         lo, hi = max(0, bisect.bisect_left(ps, stamp) - 1), bisect.bisect_right(ps, stamp) + 1
         T, how = interpolate_poses([stamp], ps[lo:hi], self._poses[lo:hi], tol)  # the two neighbours

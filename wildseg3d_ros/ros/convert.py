@@ -36,6 +36,11 @@ LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
 PROMPT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
+#: services: reliable, a request queue deep enough for a storm of concurrent calls (rclpy's
+#: default keeps 10: with 20 concurrent ~/reconstruct calls half never got a reply)
+SERVICE_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 # ----------------------------------------------------------------------------------------- time
 
