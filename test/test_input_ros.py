@@ -42,13 +42,6 @@ def seq():
     return render_sequence(n_views=4, width=W, height=H, seed=1)
 
 
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
-
-
 class Rig:
     """A ReconstructionNode plus a publisher node, spun by one executor in a thread."""
 

@@ -25,7 +25,6 @@ from wildseg3d_ros.core.geometry import depth_to_world, invert_pose, pose_errors
 from wildseg3d_ros.core.keyframes import KeyframeBuffer, pose_delta
 from wildseg3d_ros.core.pipeline import PipelineConfig, ReconstructionPipeline
 from wildseg3d_ros.core.scene import Keyframe
-from wildseg3d_ros.ros import convert
 
 torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -104,13 +103,6 @@ try:
     HAVE_DUST3R = True
 except ImportError:
     HAVE_DUST3R = False
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
 
 
 def _wait(pred, timeout, period=0.02):

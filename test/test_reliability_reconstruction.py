@@ -12,7 +12,6 @@ Small images (96x72) and few DGA iterations keep the file well under a minute on
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros_harness import Collector, SpinThread, call_trigger, wait_for  # noqa: E402
+from ros_harness import Collector, RecordingLogger, SpinThread, call_trigger, wait_for  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
 
@@ -36,27 +35,6 @@ pytestmark = pytest.mark.ros
 
 W, H = 96, 72
 PROCESSED = ("keyframe_", "dropped_", "rejected_", "bad_", "frame_errors")
-
-
-class RecordingLogger:
-    """Stands in for the rclpy logger behind the node's ThrottledLogger."""
-
-    def __init__(self):
-        self.lines = []
-        self._lock = threading.Lock()
-
-    def _add(self, level, msg):
-        with self._lock:
-            self.lines.append((level, msg))
-
-    def info(self, msg):
-        self._add("info", msg)
-
-    def warning(self, msg):
-        self._add("warning", msg)
-
-    def error(self, msg):
-        self._add("error", msg)
 
 
 def processed(node) -> int:
@@ -67,14 +45,6 @@ def processed(node) -> int:
 def seq():
     from wildseg3d_ros.core.synthetic import render_sequence
     return render_sequence(n_views=5, width=W, height=H, seed=3)
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
 
 
 class Rig:
