@@ -13,11 +13,13 @@ import numpy as np
 SESSION_FORMAT = "wildseg3d-prompts-1"
 
 
-def scene_identity(height: int, width: int, point_step: int, frame_id: str, data) -> str:
-    """Identity of a published scene: BLAKE2 hash of the cloud's data bytes, size and frame (the
-    stamp is left out: a restored scene is republished with a new stamp but identical bytes)."""
+def scene_identity(height: int, width: int, point_step: int, frame_id: str, data, fields=()) -> str:
+    """Identity of a published scene: BLAKE2 hash of the cloud's data bytes, size, field layout
+    ((name, offset, datatype, count) per field) and frame (the stamp is left out: a restored scene
+    is republished with a new stamp but identical bytes)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{height}x{width}:{point_step}:{frame_id}:".encode())
+    layout = ";".join(f"{n},{o},{t},{c}" for n, o, t, c in fields)
+    h.update(f"{height}x{width}:{point_step}:{frame_id}:{layout}:".encode())
     h.update(memoryview(data))
     return h.hexdigest()
 

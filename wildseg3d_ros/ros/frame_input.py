@@ -218,7 +218,7 @@ class FrameInput:
             try:
                 now = time.monotonic()
                 self.pairer.expect_pose = now - self._last_pose_rx < POSE_EXPECTED_S
-                if now - self._graph_t > 1.0:  # a cheap graph query, at most once a second
+                if now - self._graph_t > 0.2:  # a cheap graph query (no message), at most 5 times a second
                     self._graph_t = now
                     self.pairer.await_pose = self._pose_publishers() > 0
                 frames = self.pairer.poll(now)
@@ -321,7 +321,8 @@ class FrameInput:
             if depth is None:
                 return "bad_depth"
         if f.pose_source in ("late", "unmatched"):
-            hint = f" (the last pose refusal: {self._last_pose_refusal})" if self._last_pose_refusal else ""
+            hint = (" (pose messages were refused: see bad_pose / bad_pose_frame in /diagnostics)"
+                    if self._last_pose_refusal else "")
             refuse("no_pose", "dropped_no_pose", f"colour frame at t={stamp:.3f} dropped: {f.detail}{hint}", "warning")
             return "dropped_no_pose"
         if pose is None and any(kf.pose_prior is not None for kf in node._buffer.keyframes()[-1:]):

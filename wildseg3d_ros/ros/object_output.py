@@ -5,8 +5,9 @@
   ``header.stamp`` of the prompt they answer (the latest prompt applied to the selection), so a
   client waits for the object cloud whose stamp equals its click's. A selection cleared by
   ``~/reset``, by a reconstruction reset or because another scene arrived carries the node's
-  clock instead; a new scene clears nothing that was not shown (no empty cloud is published
-  between a click and its answer).
+  clock instead. A new scene replaces the shown selection with the answer to a prompt queued
+  during its preparation, or clears it once no such prompt is waiting; when nothing was shown it
+  publishes nothing (no empty cloud is published between a click and its answer).
 * ``wildseg3d/prompt_status`` (std_msgs/String, one JSON object, reliable, depth 50): one per
   prompt, refused ones included, published after the clouds of an answer:
   ``{"prompt_stamp": {"sec", "nanosec"}, "topic_kind": "point"|"pixel", "positive",
@@ -37,6 +38,7 @@ class ObjectOutput:
         self.marker_pub = node.create_publisher(MarkerArray, "wildseg3d/object_markers", convert.LATCHED_QOS)
         self.status_pub = node.create_publisher(String, "wildseg3d/prompt_status", STATUS_QOS_DEPTH)
         self.shown = False          # the last published object cloud was non-empty
+        self.stale = False          # what is shown belongs to a previous scene (cleared when nothing replaces it)
         self.t_published = 0.0      # perf_counter when the last object cloud was published
 
     def publish(self, results, frame: str, stamp=None):
@@ -54,7 +56,7 @@ class ObjectOutput:
         self.t_published = time.perf_counter()  # end of the prompt-latency span
         self.labelled_pub.publish(convert.struct_to_cloud(corecloud.pack_object_cloud(P, C, L), frame, stamp))
         self.marker_pub.publish(convert.bbox_markers([(lab, seg.points) for lab, seg in results], frame, stamp))
-        self.shown = len(P) > 0
+        self.shown, self.stale = len(P) > 0, False
         return len(P)
 
     def status(self, stamp, kind: str, positive: bool, new_object: bool, status: str, reason: str = "",

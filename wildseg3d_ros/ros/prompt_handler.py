@@ -38,7 +38,7 @@ class PromptHandlerMixin:
     def _to_scene_frame(self, msg: PointStamped) -> np.ndarray:
         p = np.array([msg.point.x, msg.point.y, msg.point.z], dtype=np.float64)
         if not np.isfinite(p).all():
-            raise ValueError("prompt point is not finite")
+            raise ValueError(f"prompt point ({p[0]}, {p[1]}, {p[2]}) is not finite")
         frame = msg.header.frame_id
         if not frame or frame == self.scene.frame_id:
             return p
@@ -68,6 +68,30 @@ class PromptHandlerMixin:
             raise ValueError(f"3D prompt ({p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}) is {d:.3f} m from the nearest scene "
                              f"point, farther than prompt.max_distance_m={md:g}: nothing selected")
 
+    def _recent_clicks(self, t_scene: float, scene_msg):
+        """3D clicks meant for a new scene that reached this node before it: stamped at or after the
+        scene's stamp (the client clicked on it) and received at most prompt.scene_wait_s before
+        it, in arrival order — those applied to the previous scene and those refused as far from
+        it."""
+        wait = self.params["prompt.scene_wait_s"]
+        if scene_msg.header.frame_id != self._frame():
+            return []
+        t_stamp = convert.stamp_to_sec(scene_msg.header.stamp)
+        applied = [(p, m) for p, m in zip(self.prompt_log, self._prompt_meta) if p[0] == "point"]
+        far = [(p, m) for p, m in self._recent_far if p[2]]
+        self._recent_far.clear()
+        keep = [(p, m) for p, m in applied + far if m[0] >= t_scene - wait and m[1] is not None
+                and convert.stamp_to_sec(m[1]) >= t_stamp > 0]
+        return sorted(keep, key=lambda pm: pm[1][0])
+
+    def _replay_on_new_scene(self, carry):
+        for (kind, data, positive, new_object), (t, stamp) in carry:
+            try:
+                self._near_scene(np.asarray(data, dtype=np.float64))
+            except ValueError:
+                continue  # far from this scene too: its refusal stands
+            self._apply_prompt(kind, data, positive, new_object, None, stamp, replay_of=t)
+
     def _refuse_prompt(self, key, counter, msg, stamp, kind, positive, new_object):
         self._refuse(key, counter, msg)
         self.out.status(stamp, kind, positive, new_object, "refused", reason=msg, scene_id=self.scene_id or "")
@@ -86,7 +110,11 @@ class PromptHandlerMixin:
         try:
             if kind == "point":
                 data = self._to_scene_frame(msg)
-                self._near_scene(data)
+                try:
+                    self._near_scene(data)
+                except ValueError:  # maybe a click on a scene that has not reached this node yet
+                    self._recent_far.append(((kind, data, positive, new_object), (t_recv, stamp)))
+                    raise
             else:
                 view = convert.parse_keyframe_frame(msg.header.frame_id)
                 data = (view, float(msg.point.x), float(msg.point.y))

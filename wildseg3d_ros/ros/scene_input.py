@@ -28,7 +28,8 @@ class SceneMessageError(ValueError):
 
 
 def scene_identity(msg: PointCloud2) -> str:
-    return _identity(msg.height, msg.width, msg.point_step, msg.header.frame_id, msg.data)
+    return _identity(msg.height, msg.width, f"{msg.point_step}/{msg.row_step}", msg.header.frame_id, msg.data,
+                     [(f.name, int(f.offset), int(f.datatype), int(f.count)) for f in msg.fields])
 
 
 def check_scene_fields(msg: PointCloud2) -> None:
@@ -49,10 +50,16 @@ def check_scene_fields(msg: PointCloud2) -> None:
                                     f"expected {_NAMES[want]}")
         if int(f.count) != 1:
             raise SceneMessageError(f"field '{f.name}' has count {f.count}, expected 1")
+        size = {PointField.INT8: 1, PointField.UINT8: 1, PointField.INT16: 2, PointField.UINT16: 2}.get(int(f.datatype), 4)
+        if int(f.offset) < 0 or int(f.offset) + size > int(msg.point_step):
+            raise SceneMessageError(f"field '{f.name}' (offset {f.offset}, {size} bytes) does not fit in point_step "
+                                    f"{msg.point_step}")
+    if int(msg.row_step) != int(msg.width) * int(msg.point_step):
+        raise SceneMessageError(f"row_step {msg.row_step} is not width x point_step = {msg.width} x {msg.point_step}")
     expect = int(msg.row_step) * int(msg.height)
     if len(msg.data) != expect:
-        raise SceneMessageError(f"data is {len(msg.data)} bytes, the header says {msg.height} rows x "
-                                f"{msg.row_step} bytes = {expect} (truncated or padded)")
+        raise SceneMessageError(f"data is {'truncated' if len(msg.data) < expect else 'padded'}: {len(msg.data)} bytes, "
+                                f"the header says {msg.height} rows x {msg.row_step} bytes = {expect}")
 
 
 def decode_scene(msg: PointCloud2):

@@ -22,9 +22,9 @@ callback, a service (it always replies) or the worker.
 Matching answers to prompts (ros/object_output.py): an object cloud's header.stamp is the stamp
 of the prompt it answers; wildseg3d/prompt_status says for every prompt if it was answered or
 refused and why. Clicks that arrive while a scene is prepared are answered on it (queue order),
-clicks with no scene loaded wait up to prompt.scene_wait_s for one, and 3D clicks received that
-long before a new scene are replayed on it (a click sent as the scene appeared can reach this
-node before the large scene message). A new scene publishes no empty cloud when none was shown.
+clicks with no scene loaded wait up to prompt.scene_wait_s for one, and 3D clicks stamped after
+a new scene's stamp but received before it are replayed on it (a click sent as the scene
+appeared can reach this node before the large scene message). A new scene publishes no empty cloud when none was shown.
 
 Bad prompts (no scene yet, no TF to the scene frame, farther than prompt.max_distance_m from
 every scene point, outside the image, unknown keyframe, negative before positive) and bad scene
@@ -61,7 +61,7 @@ from .object_output import ObjectOutput
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
 from .prompt_handler import PromptHandlerMixin
 from .prompt_persistence import PromptPersistenceMixin
-from .scene_input import SceneMessageError, decode_scene, scene_identity
+from .scene_input import SceneMessageError, check_scene_fields, decode_scene, scene_identity
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
@@ -73,8 +73,8 @@ PARAMS = [
     ParamSpec("prompt.max_distance_m", 0.05, "A 3D click farther than this from every scene point "
               "selects nothing.", 1e-4, 10.0),
     ParamSpec("prompt.scene_wait_s", 2.0, "A prompt that arrives while no scene is loaded waits this long "
-              "for one before it is refused; 3D prompts received this long before a new scene are "
-              "replayed on it (s).", 0.0, 60.0),
+              "for one before it is refused; a 3D prompt stamped after a new scene's stamp that arrived "
+              "up to this long before that scene is replayed on it (s).", 0.0, 60.0),
     ParamSpec("mgm.voxel_size_m", 0.0, "Voxel size of the floater filter (m); 0 = automatic "
               "(3x the median point spacing).", 0.0, 1.0),
     ParamSpec("mgm.min_consistency", 0.5, "Minimum share of the other views that see a point and "
@@ -108,7 +108,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         # kind 'point' and (keyframe, u, v) for kind 'pixel'; _prompt_meta: (t_recv, header stamp)
         self.prompt_log: List[tuple] = []
         self._prompt_meta: List[tuple] = []
+        self._resegment_queued = threading.Event()
         self._held: List[tuple] = []  # prompt items waiting for a scene
+        self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
@@ -173,6 +175,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                 if item is not None:
                     self._dispatch(item)
                 self._expire_held()
+                if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
+                    self.out.publish([], self._frame())
             except Exception as e:  # keep the worker alive whatever happens
                 self.stats["worker_errors"] += 1
                 self.internal_error(f"{item[0] if item else 'held prompt'}", e)
@@ -220,24 +224,20 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self.get_logger().info("empty scene received (reconstruction reset): selection cleared")
             return
         sid = scene_identity(msg)
-        if sid == self.scene_id and self.session is not None:
+        try:
+            scene = None if sid == self.scene_id and self.session is not None and check_scene_fields(msg) is None \
+                else decode_scene(msg)
+        except SceneMessageError as e:
+            self._refuse("bad_scene", "bad_scene", f"scene message refused ({e}); the previous scene "
+                         "and selection are kept", "error")
+            return
+        if scene is None:  # the current scene again (e.g. republished after a restart)
             self.stats["scene_republished"] += 1
             self.scene_stamp = msg.header.stamp
             self.get_logger().info("the same scene was received again (republished): selection kept")
             self.out.publish(self.session.results(), self._frame(), self._last_stamp())
             return
-        try:
-            scene = decode_scene(msg)
-        except SceneMessageError as e:
-            self._refuse("bad_scene", "bad_scene", f"scene message refused ({e}); the previous scene "
-                         "and selection are kept", "error")
-            return
-        # 3D clicks received just before this scene (possibly meant for it) are replayed on it
-        wait = self.params["prompt.scene_wait_s"]
-        carry = [(p, m) for p, m in zip(self.prompt_log, self._prompt_meta)
-                 if p[0] == "point" and m[0] >= t_recv - wait and scene.frame_id == self._frame()]
-        if self.out.shown and not carry:  # clear what was shown now, before the preparation
-            self.out.publish([], scene.frame_id)
+        carry = self._recent_clicks(t_recv, msg)  # 3D clicks meant for this scene that came before it
         session = self._build_session(scene)
         self.scene, self.session, self.scene_stamp, self.scene_id = scene, session, msg.header.stamp, sid
         self._set_prompts([], [])
@@ -247,13 +247,13 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                                f"{scene.image_shape[0]}, {n_obj} cached objects, frame '{scene.frame_id}' "
                                f"({time.perf_counter() - t0:.2f} s to prepare)")
         if not self._restore_session():
-            for (kind, data, positive, new_object), (t, stamp) in carry:
-                self._apply_prompt(kind, data, positive, new_object, None, stamp, replay_of=t)
-            if self.prompt_log or self.out.shown:
+            self._replay_on_new_scene(carry)
+            if self.prompt_log:
                 self.out.publish(self.session.results(), scene.frame_id, self._last_stamp())
-            if carry:
                 self.stats["prompts_replayed_on_new_scene"] += len(self.prompt_log)
                 self._save_session()
+            else:  # cleared once no prompt queued during the preparation answers instead (work loop)
+                self.out.stale = self.out.shown
         held, self._held = self._held, []
         for item in held:  # prompts that waited for a scene
             self._handle_prompt(*item)
@@ -265,21 +265,19 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self.out.publish([], self._frame())
         self._save_session()
 
-    def _do_resegment(self, done: threading.Event):
-        try:
-            if self.scene is None:
-                return
-            self._segmenter, self._segmenter_error = None, ""
-            self.session = self._build_session(self.scene)
-            prompts, meta = list(self.prompt_log), list(self._prompt_meta)
-            self._set_prompts([], [])
-            for (kind, data, positive, new_object), (t, stamp) in zip(prompts, meta):
-                if self._apply_prompt(kind, data, positive, new_object, None, stamp):
-                    self._prompt_meta[-1] = (t, stamp)
-            self.out.publish(self.session.results(), self._frame(), self._last_stamp())
-            self._save_session()
-        finally:
-            done.set()
+    def _do_resegment(self, queued: threading.Event):
+        queued.clear()  # requests from now on need another pass
+        if self.scene is None:
+            return
+        self._segmenter, self._segmenter_error = None, ""
+        self.session = self._build_session(self.scene)
+        prompts, meta = list(self.prompt_log), list(self._prompt_meta)
+        self._set_prompts([], [])
+        for (kind, data, positive, new_object), (t, stamp) in zip(prompts, meta):
+            if self._apply_prompt(kind, data, positive, new_object, None, stamp):
+                self._prompt_meta[-1] = (t, stamp)
+        self.out.publish(self.session.results(), self._frame(), self._last_stamp())
+        self._save_session()
 
     # ------------------------------------------------------------------ services
     def _srv_reset(self, req, resp):
@@ -291,8 +289,11 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         if self.scene is None:
             resp.success, resp.message = False, "no scene yet: nothing to re-segment"
             return resp
-        done = threading.Event()
-        self._put(("resegment", done))
+        if self._resegment_queued.is_set():  # a storm of requests: one re-segmentation does them all
+            resp.success, resp.message = True, "a re-segmentation is already queued: it serves this request too"
+            return resp
+        self._resegment_queued.set()
+        self._put(("resegment", self._resegment_queued))
         resp.success = True
         resp.message = f"re-segmenting the current scene and replaying {len(self.prompt_log)} prompt(s)"
         return resp
