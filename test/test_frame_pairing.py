@@ -318,8 +318,9 @@ def test_frames_behind_a_waiting_frame_keep_stamp_order_and_clear_forgets():
     p.add_depth(1.0, "d1")
     assert [f.image for f in p.poll(0.03)] == ["c1", "c2"]
     p.add_image(3.0, "c3", 0.04)
+    assert p.sizes()["pending_frames"] == 1
     p.clear()
-    assert p.poll(1.0) == [] and p.pending() == 0
+    assert p.poll(1.0) == [] and p.pending() == 0 and p.sizes() == {"pending_frames": 0, "depths": 0, "poses": 0}
 
 
 def test_external_pose_lookup_first_and_its_errors_ignored():

@@ -58,7 +58,8 @@ class Rig:
                 "keyframes.min_sharpness": 0.0, "keyframes.max_keyframes": 8,
                 "input.use_compressed": compressed, "input.max_pixels": 2 * W * H,
                 "dga.iterations": 10, "scene_dir": str(tmp_path / "scenes"),
-                "diagnostics_period_s": 0.2}
+                "diagnostics_period_s": 0.2,
+                "input.pairing_timeout_s": 0.25}  # frames without depth / pose wait this long (default 0.5)
         base.update(params)
         self.node = ReconstructionNode(parameter_overrides=[Parameter(k, value=v) for k, v in base.items()])
         self.rec = RecordingLogger()

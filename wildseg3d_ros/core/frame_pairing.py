@@ -389,6 +389,11 @@ class FramePairer:
         with self._lock:
             return len(self._pending)
 
+    def sizes(self) -> dict:
+        """Messages held: waiting colour frames, depth and pose messages."""
+        with self._lock:
+            return {"pending_frames": len(self._pending), "depths": len(self._dstamps), "poses": len(self._pstamps)}
+
     def period(self) -> float:
         """Colour frame period estimated from the recent stamps (s), 0 when unknown."""
         with self._lock:

@@ -116,8 +116,7 @@ class FrameInput:
         return self._K
 
     def queue_sizes(self) -> dict:
-        return {"pending_frames": self.pairer.pending(), "depths": len(self.pairer._dstamps),
-                "poses": len(self.pairer._pstamps)}
+        return self.pairer.sizes()
 
     def clear(self) -> None:
         self.pairer.clear()

@@ -27,7 +27,7 @@ PARAMS = [
               "transport to resend a lost depth. Frames are paired as their partners arrive, nothing "
               "blocks.", 0.0, 10.0),
     ParamSpec("input.max_pixels", 4096 * 3072, "Images above this pixel count are refused.", 1, 1 << 28),
-    ParamSpec("input.reliable", False, "Subscribe to the camera topics with reliable QoS (keep last 2) "
+    ParamSpec("input.reliable", False, "Subscribe to the camera topics with reliable QoS (keep last 10) "
               "instead of best effort: use it when large images published from another process are "
               "dropped by the DDS transport (fixed at start-up).", read_only=True),
     ParamSpec("keyframes.min_interval_s", 0.3, "Minimum time between keyframes (s).", 0.0, 60.0),
