@@ -200,8 +200,9 @@ def main(argv=None):
                       f"recons {rec.stats['reconstructions_done']}, prompts {seg.stats['prompts_answered']}",
                       flush=True)
             max_q["seg_queue"] = max(max_q["seg_queue"], seg._q.qsize())
-            max_q["depth_ring"] = max(max_q["depth_ring"], len(rec._depth_ring))
-            max_q["pose_ring"] = max(max_q["pose_ring"], len(rec._pose_ring))
+            qs = rec.frames.queue_sizes()
+            max_q["depth_ring"] = max(max_q["depth_ring"], qs["depths"])
+            max_q["pose_ring"] = max(max_q["pose_ring"], qs["poses"])
             max_q["buffer"] = max(max_q["buffer"], len(rec._buffer))
             if now >= next_rec:
                 next_rec += args.reconstruct_every

@@ -46,8 +46,11 @@ def _setup(context, *args, **kwargs):
 
     get = lambda n: LaunchConfiguration(n).perform(context)  # noqa: E731
     cmd = bag_play_command(get("bag"), get("rate"), get("loop").lower() == "true", get("start_offset"), get("topics"))
-    play = ExecuteProcess(cmd=cmd, output="screen", name="ros2_bag_play")
-    return _layered()._launch_setup(context) + [TimerAction(period=float(get("delay")), actions=[play])]
+    lay = _layered()
+    # the player publishes the camera: it needs the large-data transport like the nodes
+    play = ExecuteProcess(cmd=cmd, output="screen", name="ros2_bag_play",
+                          additional_env=lay.transport_env(get("fastdds_profile")))
+    return lay._launch_setup(context) + [TimerAction(period=float(get("delay")), actions=[play])]
 
 
 def generate_launch_description():

@@ -3,14 +3,18 @@
 ros2 launch wildseg3d_ros wildseg3d.launch.py image:=/camera/color/image_raw \
     depth:=/camera/aligned_depth_to_color/image_raw camera_info:=/camera/color/camera_info \
     odom:=/odom config:=<path/to/params.yaml> rviz:=true sim:=false
+
+The nodes start with the large-data Fast DDS profile config/fastdds_large_data.xml
+(FASTDDS_DEFAULT_PROFILES_FILE; fastdds_profile:= "" keeps the environment's). The camera driver's
+process needs it too (or FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA): see the README, Troubleshooting.
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
 
@@ -29,7 +33,13 @@ def generate_launch_description():
                               description="rviz2 Publish Point topic (positive 3D prompts)"),
         DeclareLaunchArgument("sim", default_value="false", description="also start camera_sim_node (embedded scene)"),
         DeclareLaunchArgument("rviz", default_value="false", description="start rviz2 with rviz/wildseg3d.rviz"),
+        DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(share, "config", "fastdds_large_data.xml"),
+                              description="Fast DDS XML profile for the nodes (large camera messages); empty: "
+                              "keep the environment's FASTDDS_DEFAULT_PROFILES_FILE"),
     ]
+    transport = [SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"),
+                                        condition=IfCondition(PythonExpression(
+                                            ["'", LaunchConfiguration("fastdds_profile"), "' != ''"])))]
     cfg = LaunchConfiguration("config")
     cam_remaps = [("image", LaunchConfiguration("image")), ("depth", LaunchConfiguration("depth")),
                   ("camera_info", LaunchConfiguration("camera_info")), ("odom", LaunchConfiguration("odom"))]
@@ -45,4 +55,4 @@ def generate_launch_description():
              arguments=["-d", os.path.join(share, "rviz", "wildseg3d.rviz")],
              condition=IfCondition(LaunchConfiguration("rviz"))),
     ]
-    return LaunchDescription(args + nodes)
+    return LaunchDescription(args + transport + nodes)

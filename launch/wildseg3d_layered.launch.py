@@ -10,6 +10,8 @@ config/base.yaml, then config/<profile>.yaml on top, then the non-empty launch-a
 
 Profiles: rgbd_cpu | dust3r_sam2_gpu | jetson (files in config/). An override left empty keeps the
 profile's value. `params_file:=<extra.yaml>` is loaded last (site-specific tweaks).
+The nodes start with the large-data Fast DDS profile (config/fastdds_large_data.xml, argument
+fastdds_profile:=; empty keeps the environment's): see transport_env().
 The launch imports are inside the functions so that this file can be imported (and its parameter
 layering tested) without the launch packages installed.
 """
@@ -62,6 +64,20 @@ def layered_parameters(config_dir, profile, overrides, node, extra_file="", use_
     return files + ([d] if d else [])
 
 
+TRANSPORT_PROFILE = "fastdds_large_data.xml"
+
+
+def transport_env(profile_path):
+    """Environment the nodes are started with: FASTDDS_DEFAULT_PROFILES_FILE=<profile_path> (the
+    large-data profile: a 16 MiB shared-memory segment) unless the path is empty; {} then. A
+    missing file raises FileNotFoundError (a typo would silently fall back to 512 KiB)."""
+    if not profile_path:
+        return {}
+    if not os.path.isfile(profile_path):
+        raise FileNotFoundError(f"Fast DDS profile {profile_path} does not exist")
+    return {"FASTDDS_DEFAULT_PROFILES_FILE": profile_path}
+
+
 def _launch_setup(context, *args, **kwargs):
     from ament_index_python.packages import get_package_share_directory
     from launch.substitutions import LaunchConfiguration
@@ -73,6 +89,7 @@ def _launch_setup(context, *args, **kwargs):
     overrides = {a: get(a) for a in OVERRIDES}
     sim_time = get("use_sim_time").lower() == "true"
     cfg_dir = os.path.join(share, "config")
+    env = transport_env(get("fastdds_profile"))
     cam_remaps = [("image", get("image")), ("image/compressed", get("image") + "/compressed"),
                   ("depth", get("depth")), ("camera_info", get("camera_info")), ("odom", get("odom")),
                   ("pose", get("pose"))]
@@ -80,11 +97,11 @@ def _launch_setup(context, *args, **kwargs):
         Node(package="wildseg3d_ros", executable="reconstruction_node", name="reconstruction_node",
              parameters=layered_parameters(cfg_dir, profile, overrides, "reconstruction_node", get("params_file"),
                                            sim_time),
-             remappings=cam_remaps, output="screen"),
+             remappings=cam_remaps, additional_env=env, output="screen"),
         Node(package="wildseg3d_ros", executable="segmentation_node", name="segmentation_node",
              parameters=layered_parameters(cfg_dir, profile, overrides, "segmentation_node", get("params_file"),
                                            sim_time),
-             remappings=[("clicked_point", get("clicked_point"))], output="screen"),
+             remappings=[("clicked_point", get("clicked_point"))], additional_env=env, output="screen"),
     ]
     if get("rviz").lower() == "true":
         nodes.append(Node(package="rviz2", executable="rviz2", name="rviz2",
@@ -115,7 +132,18 @@ def launch_arguments():
         ("use_compressed", "", "override: true to subscribe to <image>/compressed"),
         ("use_sim_time", "false", "use /clock (bag replay)"),
         ("rviz", "false", "start rviz2 with rviz/wildseg3d.rviz"),
+        ("fastdds_profile", _default_profile(), "Fast DDS XML profile for the nodes (large camera messages); "
+         "empty: keep the environment's FASTDDS_DEFAULT_PROFILES_FILE"),
     ]
+
+
+def _default_profile():
+    """config/fastdds_large_data.xml of the installed package (of this source tree without ament)."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        return os.path.join(get_package_share_directory("wildseg3d_ros"), "config", TRANSPORT_PROFILE)
+    except Exception:  # not installed with colcon: the source tree's copy
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", TRANSPORT_PROFILE)
 
 
 def generate_launch_description():

@@ -24,3 +24,26 @@ if "WILDSEG3D_TEST_KEEP_HOME" not in os.environ:
     import tempfile
 
     os.environ["HOME"] = tempfile.mkdtemp(prefix="wildseg3d-test-home-")
+
+
+# ----------------------------------------------------------------------------- shared ROS fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """rclpy initialised for the tests of one module (shut down after them). Every test that
+    uses it carries the ``ros`` marker (see pytest_collection_modifyitems): ``-m ros`` selects
+    the tests that need real ROS 2, the ones CI runs a second time against Jazzy."""
+    rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy wheels are not installed")
+    if not rclpy.ok():
+        rclpy.init()
+    yield rclpy
+    if rclpy.ok():
+        rclpy.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ros" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ros)

@@ -12,6 +12,44 @@ from typing import Callable, List
 import numpy as np
 
 
+class RecordingLogger:
+    """Stands in for the rclpy logger behind a node's ThrottledLogger: keeps (level, line)."""
+
+    def __init__(self):
+        self.lines = []
+        self._lock = threading.Lock()
+
+    def _add(self, level, msg):
+        with self._lock:
+            self.lines.append((level, msg))
+
+    def info(self, msg):
+        self._add("info", msg)
+
+    def warning(self, msg):
+        self._add("warning", msg)
+
+    def error(self, msg):
+        self._add("error", msg)
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script (beside this Python first); skips the test when absent."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"console script {name} is not installed (pip install -e . first)")
+    return found
+
+
 def wait_for(pred: Callable[[], bool], timeout: float, period: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

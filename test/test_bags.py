@@ -182,13 +182,6 @@ def test_rgbd_room_loader_and_resize():
 rclpy = pytest.importorskip("rclpy")
 
 
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
-
-
 @pytest.mark.parametrize("mode", ["raw", "numpy"])
 def test_bag_player_timing_content_and_topic_map(ros, tmp_path, seq, mode):
     from rclpy.executors import SingleThreadedExecutor

@@ -159,3 +159,36 @@ def test_default_launch_config_covers_every_parameter():
         keys = set(data[node]["ros__parameters"])
         missing = {s.name for s in mod.PARAMS} - keys
         assert not missing, f"config/wildseg3d.yaml lacks {node} parameters {sorted(missing)}"
+
+
+def test_fastdds_profile_is_shipped_and_used_by_every_launch_file():
+    """config/fastdds_large_data.xml: a Fast DDS default participant profile with a shared-memory
+    segment >= 8 MiB (the 512 KiB default loses large frames) plus UDPv4, installed by setup.py,
+    and every launch file starts its processes with it (FASTDDS_DEFAULT_PROFILES_FILE)."""
+    import xml.etree.ElementTree as ET
+
+    path = CONFIG / "fastdds_large_data.xml"
+    root = ET.parse(path).getroot()
+    ns = {"d": "http://www.eprosima.com"}
+    assert root.tag == "{http://www.eprosima.com}dds"
+    descs = {d.find("d:transport_id", ns).text: d for d in root.iterfind(".//d:transport_descriptor", ns)}
+    kinds = {d.find("d:type", ns).text for d in descs.values()}
+    assert kinds == {"SHM", "UDPv4"}
+    shm = next(d for d in descs.values() if d.find("d:type", ns).text == "SHM")
+    assert int(shm.find("d:segment_size", ns).text) >= 8 * 1024 * 1024
+    part = root.find(".//d:participant", ns)
+    assert part.get("is_default_profile") == "true"
+    used = [t.text for t in part.iterfind(".//d:userTransports/d:transport_id", ns)]
+    assert set(used) == set(descs)
+    assert part.find(".//d:useBuiltinTransports", ns).text == "false"
+    assert 'glob("config/*.xml")' in (ROOT / "setup.py").read_text()
+    for name in ("wildseg3d.launch.py", "wildseg3d_layered.launch.py", "bag_replay.launch.py"):
+        src = (ROOT / "launch" / name).read_text()
+        assert "fastdds_profile" in src and ("FASTDDS_DEFAULT_PROFILES_FILE" in src or "transport_env" in src), name
+    lay = _import_launch("wildseg3d_layered.launch.py")
+    assert lay.transport_env(str(path)) == {"FASTDDS_DEFAULT_PROFILES_FILE": str(path)}
+    assert lay.transport_env("") == {}
+    with pytest.raises(FileNotFoundError):
+        lay.transport_env(str(CONFIG / "no_such_profile.xml"))
+    default = dict((n, d) for n, d, _ in lay.launch_arguments())["fastdds_profile"]
+    assert Path(default).resolve() == path.resolve()  # source tree fallback without ament

@@ -42,13 +42,6 @@ def seq():
     return render_sequence(n_views=4, width=W, height=H, seed=1)
 
 
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
-
-
 class Rig:
     """A ReconstructionNode plus a publisher node, spun by one executor in a thread."""
 
@@ -84,7 +77,7 @@ class Rig:
         before = dict(self.node.stats)
         n0 = processed(self.node)
         self.pub["info"].publish(convert.make_camera_info(K, W, H, stamp, "camera"))
-        wait_for(lambda: self.node._K is not None, 2.0)
+        wait_for(lambda: self.node.frames.K is not None, 2.0)
         for d in depth_msgs:
             self.pub["depth"].publish(d)
         if pose is not None:

@@ -14,11 +14,8 @@ Plus node-level refusal of corrupt / foreign saved files (the node stays up and 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +31,8 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, start_process, stop_process, wait_for  # noqa: E402,E501
+from ros_harness import (Collector, SpinThread, call_trigger, click_point_on_object, console_script,  # noqa: E402
+                         start_process, stop_process, wait_for)
 from wildseg3d_ros.core.output import store  # noqa: E402
 from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
@@ -45,21 +43,7 @@ W, H, N = 96, 72, 4
 
 
 def _script(name):
-    p = Path(sys.executable).parent / name
-    if not p.exists():
-        found = shutil.which(name)
-        if not found:
-            pytest.skip(f"console script {name} not installed")
-        p = Path(found)
-    return str(p)
-
-
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
+    return console_script(name)
 
 
 def _diag_value(col, node_name, key):

@@ -12,7 +12,6 @@ Small images (96x72) and few DGA iterations keep the file well under a minute on
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros_harness import Collector, SpinThread, call_trigger, wait_for  # noqa: E402
+from ros_harness import Collector, RecordingLogger, SpinThread, call_trigger, wait_for  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
 
@@ -36,27 +35,6 @@ pytestmark = pytest.mark.ros
 
 W, H = 96, 72
 PROCESSED = ("keyframe_", "dropped_", "rejected_", "bad_", "frame_errors")
-
-
-class RecordingLogger:
-    """Stands in for the rclpy logger behind the node's ThrottledLogger."""
-
-    def __init__(self):
-        self.lines = []
-        self._lock = threading.Lock()
-
-    def _add(self, level, msg):
-        with self._lock:
-            self.lines.append((level, msg))
-
-    def info(self, msg):
-        self._add("info", msg)
-
-    def warning(self, msg):
-        self._add("warning", msg)
-
-    def error(self, msg):
-        self._add("error", msg)
 
 
 def processed(node) -> int:
@@ -67,14 +45,6 @@ def processed(node) -> int:
 def seq():
     from wildseg3d_ros.sim.tabletop import render_sequence
     return render_sequence(n_views=5, width=W, height=H, seed=3)
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
 
 
 class Rig:
@@ -88,7 +58,8 @@ class Rig:
                 "keyframes.min_sharpness": 0.0, "keyframes.max_keyframes": 8,
                 "input.use_compressed": compressed, "input.max_pixels": 2 * W * H,
                 "dga.iterations": 10, "scene_dir": str(tmp_path / "scenes"),
-                "diagnostics_period_s": 0.2}
+                "diagnostics_period_s": 0.2,
+                "input.pairing_timeout_s": 0.25}  # frames without depth / pose wait this long (default 0.5)
         base.update(params)
         self.node = ReconstructionNode(parameter_overrides=[Parameter(k, value=v) for k, v in base.items()])
         self.rec = RecordingLogger()
@@ -126,7 +97,7 @@ class Rig:
         stamp = convert.stamp_to_sec(image_msg.header.stamp)
         if info_K is not None:
             self.info(info_K, stamp)
-            assert wait_for(lambda: self.node._K is not None, 3.0)
+            assert wait_for(lambda: self.node.frames.K is not None, 3.0)
         if depth_msg is not None:
             self.pub["depth"].publish(depth_msg)
         if pose is not None:
@@ -215,13 +186,13 @@ def test_bad_camera_input_is_refused_and_the_scene_kept(ros, seq, tmp_path):
         s = rig.stamp()
 
         # CameraInfo with zero focal: refused, previous intrinsics kept
-        K_before = node._K.copy()
+        K_before = node.frames.K.copy()
         Kz = K.copy()
         Kz[0, 0] = 0.0
         n0 = node.stats["bad_camera_info"]
         rig.info(Kz, s)
         assert wait_for(lambda: node.stats["bad_camera_info"] == n0 + 1, 5)
-        assert "focal" in node.last_error and np.array_equal(node._K, K_before)
+        assert "focal" in node.last_error and np.array_equal(node.frames.K, K_before)
         # camera pose with a zero quaternion: refused
         n0 = node.stats["bad_pose"]
         m = Odometry(header=convert.make_header("map", s))

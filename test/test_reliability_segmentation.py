@@ -19,8 +19,8 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
-from ros_harness import Collector, SpinThread, call_trigger, click_point_on_object, wait_for  # noqa: E402
-from test_reliability_reconstruction import RecordingLogger  # noqa: E402
+from ros_harness import (Collector, RecordingLogger, SpinThread, call_trigger, click_point_on_object,  # noqa: E402
+                         wait_for)
 from wildseg3d_ros.core.output import cloud as corecloud  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
@@ -41,14 +41,6 @@ def built():
            for i in range(V)]
     scene, _ = ReconstructionPipeline(PipelineConfig(iterations=10)).run(kfs, frame_id="map")
     return seq, scene
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
 
 
 def scene_msg(scene, stamp=5.0):

@@ -11,10 +11,7 @@ gives < 0.4) and for a cloud in the wrong frame (~0).
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +23,8 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
-from ros_harness import (Collector, call_trigger, click_point_on_object, spinning, start_process,  # noqa: E402
+from ros_harness import (Collector, call_trigger, click_point_on_object, console_script, spinning,  # noqa: E402
+                         start_process,
                          stop_process, wait_for)
 from wildseg3d_ros.core.output.cloud import unpack_rgb  # noqa: E402
 from wildseg3d_ros.eval.metrics import match_frames, segment_iou_per_view  # noqa: E402
@@ -36,14 +34,6 @@ from wildseg3d_ros.ros import convert  # noqa: E402
 pytestmark = pytest.mark.ros
 
 W, H, FRAMES, ITERS = 256, 192, 5, 40
-
-
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
 
 
 def _cam(seed=0, name=None):
@@ -203,13 +193,7 @@ def test_prompt_before_any_scene_is_refused_clearly(ros):
 
 
 def _script(name):
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which(name)
-    if not found:
-        pytest.skip(f"console script {name} is not installed (pip install -e . first)")
-    return [found]
+    return [console_script(name)]
 
 
 def test_console_scripts_as_separate_processes(ros, tmp_path):

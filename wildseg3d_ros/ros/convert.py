@@ -24,8 +24,10 @@ from ..core.geometry import pose_from_xyz_quat, rot_to_quat_xyzw
 
 #: camera streams: best effort, keep last 5 (rclpy's sensor-data profile)
 SENSOR_QOS = qos_profile_sensor_data
-#: camera streams when `input.reliable` is set: reliable, keep last 2 (large frames across processes)
-RELIABLE_CAMERA_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST,
+#: camera streams when `input.reliable` is set: reliable, keep last 10 (large frames across processes;
+#: keep last 2 lost 13 of 60 colour frames of a 30 Hz 640x480 stream to history overwrites while the
+#: executor was busy deserialising, benchmarks/bench_camera_input.py)
+RELIABLE_CAMERA_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
                                  reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.VOLATILE)
 #: latched results (scene, object clouds, poses): reliable + transient local, last message kept
@@ -36,6 +38,11 @@ LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
 PROMPT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
+#: services: reliable, a request queue deep enough for a storm of concurrent calls (rclpy's
+#: default keeps 10: with 20 concurrent ~/reconstruct calls half never got a reply)
+SERVICE_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 # ----------------------------------------------------------------------------------------- time
 

@@ -1,0 +1,62 @@
+"""Prompt-session persistence of segmentation_node: the prompts of the current scene saved
+atomically after every change (core.store.save_session, body format core.prompt_session) and
+replayed when the same scene is received again (``load_last_session``).
+
+A mixin of SegmentationNode: expects ``params``, ``stats``, ``scene_id``, ``session``,
+``prompt_log`` / ``_prompt_meta``, ``out``, ``_refuse`` and ``_apply_prompt``."""
+from __future__ import annotations
+
+import os
+
+from ..core.output import store
+from ..core.prompts.session_file import session_body, session_prompts
+
+
+class PromptPersistenceMixin:
+    def _scene_dir(self) -> str:
+        d = str(self.params["scene_dir"]).strip()
+        return os.path.expanduser(d) if d else ""
+
+    def _set_prompts(self, prompts, meta):
+        self.prompt_log, self._prompt_meta = list(prompts), list(meta)
+
+    def _save_session(self):
+        d = self._scene_dir()
+        if not d or self.scene_id is None:
+            return
+        try:
+            body = session_body(self.scene_id, self._frame(), self.prompt_log)
+            self.last_saved_session = str(store.save_session(d, body))
+            self.stats["sessions_saved"] += 1
+        except Exception as e:
+            self._refuse("session_save", "session_save_errors", f"saving the prompt session into {d} failed "
+                         f"({e}); the live selection is unaffected", "error")
+
+    def _restore_session(self) -> bool:
+        """Replay the saved prompts when they belong to the current scene. True if replayed."""
+        d = self._scene_dir()
+        if not d or not self.params["load_last_session"]:
+            return False
+        try:
+            body = store.load_session(d)
+        except Exception as e:  # StoreError: corrupt / foreign / wrong version
+            self._refuse("session_load", "session_load_errors", f"saved session refused ({e}); starting "
+                         "with no prompts", "error")
+            return False
+        try:
+            prompts = session_prompts(body, self.scene_id)
+        except (KeyError, TypeError, ValueError) as e:
+            self._refuse("session_load", "session_load_errors", f"saved session is malformed ({e}); "
+                         "starting with no prompts", "error")
+            return False
+        if prompts is None:
+            return False
+        for kind, data, positive, new_object in prompts:
+            self._apply_prompt(kind, data, positive, new_object, None, None)
+        self.restored_prompts = len(self.prompt_log)
+        self.stats["sessions_restored"] += 1
+        self.out.publish(self.session.results(), self._frame())
+        self.get_logger().info(f"session restored: {len(self.prompt_log)} of {len(prompts)} saved prompt(s) "
+                               "replayed on the same scene")
+        return True
+
