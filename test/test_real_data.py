@@ -21,6 +21,7 @@ from ros_harness import SpinThread, wait_for as _harness_wait_for
 import torch
 
 from wildseg3d_ros.core.camera import bags
+from wildseg3d_ros.eval import datasets
 from wildseg3d_ros.core.geometry import depth_to_world, invert_pose, pose_errors
 from wildseg3d_ros.core.keyframes import KeyframeBuffer, pose_delta
 from wildseg3d_ros.core.config import PipelineConfig
@@ -58,7 +59,7 @@ def test_rgbd_room_pipeline_without_poses_vs_slam():
     rotation about that line is unconstrained (it reads ~30 deg off for a perfect trajectory).
     Consistency: view j's points against view i's nearest points (overlap = closer than 25 cm)
     must be about as tight as the cloud built from the SLAM poses with the same depth."""
-    d = bags.load_rgbd_room()
+    d = datasets.load_rgbd_room(SHARED_DATA / "rgbd_room")
     kfs = [Keyframe(v, float(v), d.rgb[v], d.K, d.depth[v]) for v in range(5)]  # no pose prior
     pipe = ReconstructionPipeline(PipelineConfig(backend="rgbd", iterations=100, scene_graph="complete"))
     t0 = time.perf_counter()
@@ -136,7 +137,7 @@ def _make_node(backend, compressed, namespace=None):
 
 TOPIC_MAP = {"/camera/image": "/image", "/camera/image/compressed": "/image/compressed",
              "/camera/camera_info": "/camera_info", "/camera/pose": "/pose", "/odom": "/odom"}
-LOADERS = {"llff_fern": bags.load_llff_fern, "middlebury_temple": bags.load_middlebury_temple}
+LOADERS = {"llff_fern": datasets.load_llff_fern, "middlebury_temple": datasets.load_middlebury_temple}
 
 
 @needs_shared
@@ -148,7 +149,7 @@ def test_rgb_dataset_bag_replay_into_node(ros, tmp_path, dataset, storage, fmt, 
 
     from wildseg3d_ros.ros.bag_player import BagPlayerNode
 
-    data = LOADERS[dataset]()
+    data = LOADERS[dataset](SHARED_DATA / dataset)
     # the stream: every view, with every third view repeated (a camera at rest: the repeat must
     # be rejected by the pose-motion rule without decoding), 0.5 s apart
     order = []

@@ -9,8 +9,8 @@ A :class:`Source` counts its frames (after ``every`` sampling) and yields :class
 * :class:`VideoSource`: any video OpenCV decodes.
 * :class:`BagSource`: rosbag2 (sqlite3 / mcap) through :mod:`.bags`; topics found by type when not
   given; two passes (stamps, camera info and poses first; then only the selected colour / depth
-  messages are decoded); depth and poses matched to each colour frame by nearest stamp within
-  a tolerance. A pose topic must give the camera optical frame's pose in a world frame (there is
+  messages are decoded); depth matched to each colour frame and poses interpolated at its stamp
+  by the same rules as the live node (:mod:`.pairing`). A pose topic must give the camera optical frame's pose in a world frame (there is
   no TF lookup offline).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import InputError, ProgressFn, report
 from ..geometry import pose_from_xyz_quat
 from . import bags
+from .pairing import POSE_NONE, interpolate_poses, match_stamps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 DEPTH_EXTS = (".png", ".pgm", ".tif", ".tiff", ".exr", ".npy")
@@ -108,16 +109,6 @@ def read_rgb_file(path: Path) -> np.ndarray:
     if img is None:
         raise InputError(f"cannot read image {path}")
     return np.ascontiguousarray(img[..., ::-1])
-
-
-def nearest_index(stamps: np.ndarray, s: float, tol: float) -> Optional[int]:
-    """Index of the stamp of the sorted ``stamps`` nearest to ``s`` when within ``tol``, else None."""
-    if len(stamps) == 0:
-        return None
-    i = int(np.searchsorted(stamps, s))
-    best = min((j for j in (i - 1, i) if 0 <= j < len(stamps)), key=lambda j: abs(stamps[j] - s))
-    return best if abs(stamps[best] - s) <= tol else None
-
 
 
 class Source:
@@ -378,14 +369,11 @@ class BagSource(Source):
         idx = self._indices()
         sel = idx if positions is None else [idx[p] for p in positions]
         sel_set = set(sel)
-        dst = np.asarray(self.depth_stamps, np.float64)
-        dorder = np.argsort(dst, kind="stable")
-        dsorted = dst[dorder]
-        depth_for: Dict[int, int] = {}
-        for i in sel:
-            j = nearest_index(dsorted, self.img_stamps[i], self.sync_tol)
-            if j is not None:
-                depth_for[i] = int(dorder[j])
+        # one timestamp matcher for the package (core.camera.pairing): exact stamp first, mutual
+        # nearest within a tolerance capped below half the colour frame period
+        idx = match_stamps(np.asarray(self.img_stamps, np.float64), np.asarray(self.depth_stamps, np.float64),
+                           self.sync_tol)
+        depth_for: Dict[int, int] = {i: int(idx[i]) for i in sel if idx[i] >= 0}
         depth_wanted = set(depth_for.values())
         reader, close = bags.open_bag(self.path)
         try:
@@ -422,8 +410,9 @@ class BagSource(Source):
             raise InputError(f"depth on {self.depth_topic!r} is {depth.shape[1]}x{depth.shape[0]} but colour "
                              f"on {self.image_topic!r} is {w}x{h}: record the registered depth "
                              "(e.g. aligned_depth_to_color) so pixels correspond")
-        j = nearest_index(self.pose_stamps, stamp, self.pose_tol)
-        return Frame(i, stamp, rgb, self._K(w, h), depth, None if j is None else self.poses[j], frame_id)
+        T, how = interpolate_poses([stamp], self.pose_stamps, self.poses, self.pose_tol)
+        pose = None if how[0] == POSE_NONE else T[0]
+        return Frame(i, stamp, rgb, self._K(w, h), depth, pose, frame_id)
 
     def describe(self):
         return {"kind": self.kind, "path": str(self.path), "image_topic": self.image_topic,
