@@ -200,9 +200,6 @@ def test_console_scripts_as_separate_processes(ros, tmp_path):
     """The three nodes as real processes (their console scripts); this test process only clicks."""
     env = os.environ.copy()
     procs = [
-        start_process(_script("camera_sim_node") + ["--ros-args", "-p", f"width:={W}", "-p", f"height:={H}",
-                                                   "-p", f"num_frames:={FRAMES}", "-p", "rate_hz:=5.0",
-                                                   "-p", "start_delay_s:=4.0"], env, tmp_path / "cam.log"),
         start_process(_script("reconstruction_node") + ["--ros-args", "-p", f"keyframes.reconstruct_at:={FRAMES}",
                                                        "-p", "keyframes.min_interval_s:=0.1",
                                                        "-p", f"dga.iterations:={ITERS}"], env, tmp_path / "rec.log"),
@@ -213,6 +210,14 @@ def test_console_scripts_as_separate_processes(ros, tmp_path):
     objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
     pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
     try:
+        # the camera plays its frames once: start it only when the reconstruction process is up
+        # (a loaded machine can take many seconds to import torch in a new process)
+        from std_srvs.srv import Trigger
+        ready = client.create_client(Trigger, "reconstruction_node/reconstruct")
+        assert ready.wait_for_service(timeout_sec=120), "reconstruction_node process did not come up"
+        procs.append(start_process(_script("camera_sim_node") + [
+            "--ros-args", "-p", f"width:={W}", "-p", f"height:={H}", "-p", f"num_frames:={FRAMES}",
+            "-p", "rate_hz:=5.0", "-p", "start_delay_s:=2.0"], env, tmp_path / "cam.log"))
         with spinning([client]):
             ok = wait_for(lambda: scenes.nonempty(), 300)
             logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
