@@ -19,6 +19,9 @@ Backends are created by name with :func:`make_segmenter`:
 
 * ``"classical"`` -> :class:`~wildseg3d_ros.core.segment.classical.ClassicalSegmenter`
   (no weights; superpixels merged by colour and 3D geometry);
+* ``"geometric"`` -> :class:`~wildseg3d_ros.core.segment.geometric.GeometricSegmenter`
+  (no weights; RGB-D clutter: support planes, depth discontinuities, local convexity; the
+  classical segmenter where a view has no pointmap);
 * ``"sam2"`` -> ``wildseg3d_ros.core.segment.sam2_backend.Sam2Segmenter`` (imported lazily).
 """
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Segmenter(abc.ABC):
 
 _BACKENDS = {
     "classical": (".classical", "ClassicalSegmenter"),
+    "geometric": (".geometric", "GeometricSegmenter"),
     "sam2": (".sam2_backend", "Sam2Segmenter"),
 }
 
@@ -105,7 +109,7 @@ def available_backends():
 
 
 def make_segmenter(name: str, **kwargs) -> Segmenter:
-    """Create a backend by name (``'classical'`` or ``'sam2'``); kwargs go to its constructor."""
+    """Create a backend by name (``'classical'``, ``'geometric'`` or ``'sam2'``); kwargs go to its constructor."""
     key = str(name).strip().lower()
     if key not in _BACKENDS:
         raise SegmenterError(
