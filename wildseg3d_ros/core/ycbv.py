@@ -197,27 +197,39 @@ def rotation_errors_deg(est_poses: np.ndarray, gt_poses: np.ndarray) -> np.ndarr
     return np.asarray(rotation_angle_deg(np.einsum("nji,njk->nik", G, E)), np.float64).reshape(-1)
 
 
-def corrective_click(pred: np.ndarray, gt: np.ndarray, valid: Optional[np.ndarray] = None):
+def corrective_click(pred: np.ndarray, gt: np.ndarray, valid: Optional[np.ndarray] = None,
+                     boundary_px: int = 5, min_depth_px: float = 5.0):
     """The automatic corrective click over views: ``pred`` / ``gt`` (V,H,W) bool.  Finds the
-    largest connected error region (false positive ``pred & ~gt`` or missed ``gt & ~pred``,
-    restricted to ``valid`` pixels when given) over all views; returns (view, u, v, positive)
-    at its most interior pixel, or None when there is no error."""
+    largest connected error region -- false positive ``pred`` outside the GT mask dilated by
+    ``boundary_px``, or missed: the GT mask eroded by ``boundary_px`` outside ``pred`` -- over
+    all views, restricted to ``valid`` pixels (those with depth, the only ones a click can
+    change) when given.  The band of ``boundary_px`` around the GT outline is ignored because
+    no user clicks on an outline disagreement of a few pixels (YCB-Video's depth is
+    misregistered with its colour by about that much); so are regions without a pixel
+    ``min_depth_px`` away from their border (strips).  Returns (view, u, v, positive) at the
+    region's most interior pixel, or None when no error region is left."""
     pred = np.asarray(pred, bool)
     gt = np.asarray(gt, bool)
+    k = 2 * max(0, int(boundary_px)) + 1
+    ker = np.ones((k, k), np.uint8)
     best = (0, None)
     for v in range(pred.shape[0]):
-        for positive, err in ((False, pred[v] & ~gt[v]), (True, gt[v] & ~pred[v])):
+        g8 = gt[v].astype(np.uint8)
+        inner = cv2.erode(g8, ker) > 0
+        outer = cv2.dilate(g8, ker) > 0
+        for positive, err in ((False, pred[v] & ~outer), (True, inner & ~pred[v])):
             if valid is not None:
                 err = err & valid[v]
-            # open away one-pixel rims: the corrective click aims at a region, not a border
-            err = cv2.morphologyEx(err.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
             lab, n = ndimage.label(err)
             if n == 0:
                 continue
             sizes = np.bincount(lab.ravel())[1:]
-            k = int(np.argmax(sizes)) + 1
-            if sizes[k - 1] > best[0]:
-                best = (int(sizes[k - 1]), (v, lab == k, positive))
+            depth = ndimage.maximum(ndimage.distance_transform_edt(np.pad(err, 1))[1:-1, 1:-1],
+                                    lab, np.arange(1, n + 1))
+            sizes = np.where(np.asarray(depth) >= min_depth_px, sizes, 0)
+            j = int(np.argmax(sizes)) + 1
+            if sizes[j - 1] > best[0]:
+                best = (int(sizes[j - 1]), (v, lab == j, positive))
     if best[1] is None:
         return None
     v, region, positive = best[1]

@@ -818,15 +818,17 @@ class GeometricSegmenter(Segmenter):
         return mask
 
     @staticmethod
-    def _click_atoms(info, uv):
-        """Atom under each click (nearest atom pixel within 3 px), -1 when none."""
+    def _click_atoms(info, uv, radius: int = 1):
+        """Atom under each click (nearest atom pixel within ``radius`` px), -1 when none: a
+        click on a pixel without depth never grabs a surface beside it (it may lie at any
+        depth)."""
         atoms = info["atoms"]
         H, W = atoms.shape
         out = np.full(uv.shape[0], -1, np.int64)
         for i, (u, v) in enumerate(uv):
             r0, c0 = int(round(v)), int(round(u))
-            r = np.clip(np.arange(r0 - 3, r0 + 4), 0, H - 1)
-            c = np.clip(np.arange(c0 - 3, c0 + 4), 0, W - 1)
+            r = np.clip(np.arange(r0 - radius, r0 + radius + 1), 0, H - 1)
+            c = np.clip(np.arange(c0 - radius, c0 + radius + 1), 0, W - 1)
             rr, cc = np.meshgrid(r, c, indexing="ij")
             a = atoms[rr, cc]
             if not (a >= 0).any():
