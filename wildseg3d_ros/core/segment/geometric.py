@@ -101,17 +101,21 @@ def inverse_depth_noise(w: np.ndarray, valid: np.ndarray, floor_rel: float = 1e-
 
 
 def _side_median(d: np.ndarray, k: int, side: int) -> np.ndarray:
-    """Per step of ``d`` (H, N; NaN = no step): the (lower) median of the ``k`` steps before it
-    (``side`` -1) or after it (+1) along axis 1; 0 where none of them exists."""
+    """Per step of ``d`` (H, N; NaN = no step): the median of the ``k`` (3) steps before it
+    (``side`` -1) or after it (+1) along axis 1, over those that exist (the larger of two); 0
+    where none exists."""
     H, N = d.shape
     pad = np.full((H, N + 2 * k), np.nan, d.dtype)
     pad[:, k:k + N] = d
-    offs = range(1, k + 1)
-    st = np.stack([pad[:, k + side * o:k + side * o + N] for o in offs], -1)
-    st = np.sort(st, axis=-1)  # NaN last
-    n = np.isfinite(st).sum(-1)
-    med = np.take_along_axis(st, np.maximum((n - 1) // 2, 0)[..., None], -1)[..., 0]
-    return np.where(n > 0, med, 0.0)
+    sh = [pad[:, k + side * o:k + side * o + N] for o in range(1, k + 1)]
+    if k == 3:  # NaN-ignoring median of three: fmin / fmax skip NaN
+        a, b, c = sh
+        med = np.fmax(np.fmin(a, b), np.fmin(np.fmax(a, b), c))
+    else:
+        st = np.sort(np.stack(sh, -1), axis=-1)  # NaN last
+        n = np.isfinite(st).sum(-1)
+        med = np.take_along_axis(st, np.maximum(n // 2, 0)[..., None], -1)[..., 0]
+    return np.where(np.isfinite(med), med, 0.0)
 
 
 def depth_jumps(w: np.ndarray, valid: np.ndarray, tau: float, k: int = 3):
@@ -219,12 +223,12 @@ def _extent(points: np.ndarray, q: float = 2.0) -> np.ndarray:
 def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: np.ndarray,
                      n_ok: np.ndarray, K: np.ndarray, sigma_w: float, band_m: float = 0.01,
                      normal_deg: float = 20.0, extent_m: float = 0.3, max_planes: int = 4,
-                     inlier_k: float = 3.0, n_hyp: int = 300, n_sample: int = 6000,
-                     min_frac: float = 0.02, seed: int = 0):
+                     inlier_k: float = 3.0, n_hyp: int = 150, n_sample: int = 3000,
+                     min_frac: float = 0.02, hyp_px: int = 25, seed: int = 0):
     """Background planes (tables, floors, walls) of one view.
 
     Returns (structure (H, W) bool, behind (H, W) bool, planes list of dicts).  Sequential RANSAC
-    in ``(u, v, w)``: a hypothesis scores the pixels within ``inlier_k * sigma_w`` of it whose
+    in ``(u, v, w)`` (hypotheses from local pixel triples): a hypothesis scores the pixels within ``inlier_k * sigma_w`` of it whose
     normal agrees within ``normal_deg``.  The plane is refitted on them; its *band* is every
     valid pixel within ``band_m`` metres of it (along the ray) with an agreeing normal.  A plane
     whose band holds a connected piece longer than ``extent_m`` (robust principal extent) is
@@ -234,9 +238,11 @@ def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: 
     lowest ``inlier_k`` noise levels."""
     H, W = w.shape
     rng = np.random.default_rng(seed)
-    uu = np.broadcast_to(np.arange(W, dtype=np.float64)[None], (H, W))
-    vv = np.broadcast_to(np.arange(H, dtype=np.float64)[:, None], (H, W))
-    z = np.where(valid, pc[..., 2], np.inf)
+    uu = np.broadcast_to(np.arange(W, dtype=np.float32)[None], (H, W))
+    vv = np.broadcast_to(np.arange(H, dtype=np.float32)[:, None], (H, W))
+    w32 = w.astype(np.float32)
+    z2 = np.where(valid, pc[..., 2], np.inf).astype(np.float32) ** 2
+    nrm = normals.astype(np.float32)
     cos_n = np.cos(np.deg2rad(normal_deg))
     free = valid & n_ok
     structure = np.zeros((H, W), bool)
@@ -249,14 +255,23 @@ def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: 
         if idx.size < min_frac * n_valid:
             break
         samp = idx[rng.choice(idx.size, min(n_sample, idx.size), replace=False)]
-        su, sv, sw = uu.ravel()[samp], vv.ravel()[samp], w.ravel()[samp].astype(np.float64)
-        sn = normals.reshape(-1, 3)[samp].astype(np.float64)
-        tri = rng.integers(0, samp.size, (n_hyp, 3))
-        A = np.stack([su[tri], sv[tri], np.ones(tri.shape)], -1)
-        good = np.abs(np.linalg.det(A)) > 1.0
+        su, sv = uu.ravel()[samp].astype(np.float64), vv.ravel()[samp].astype(np.float64)
+        sw = w.ravel()[samp].astype(np.float64)
+        sn = nrm.reshape(-1, 3)[samp].astype(np.float64)
+        sz2 = z2.ravel()[samp].astype(np.float64)
+        # local triples: a random free pixel and two more within +-hyp_px of it (a plane's
+        # pixels cluster, so a triple is all-inlier far more often than three random pixels)
+        p0 = idx[rng.integers(0, idx.size, n_hyp)]
+        r0, c0 = np.divmod(p0, W)
+        rr = np.clip(r0[:, None] + rng.integers(-hyp_px, hyp_px + 1, (n_hyp, 2)), 0, H - 1)
+        cc = np.clip(c0[:, None] + rng.integers(-hyp_px, hyp_px + 1, (n_hyp, 2)), 0, W - 1)
+        rr = np.concatenate([r0[:, None], rr], 1)
+        cc = np.concatenate([c0[:, None], cc], 1)
+        A = np.stack([cc.astype(np.float64), rr.astype(np.float64), np.ones(rr.shape)], -1)
+        good = (np.abs(np.linalg.det(A)) > 1.0) & free[rr, cc].all(1)
         if not good.any():
             break
-        coef = np.linalg.solve(A[good], sw[tri][good][..., None])[..., 0]
+        coef = np.linalg.solve(A[good], w[rr, cc][good].astype(np.float64)[..., None])[..., 0]
         nh = np.stack([K[0, 0] * coef[:, 0], K[1, 1] * coef[:, 1],
                        coef[:, 2] + coef[:, 0] * K[0, 2] + coef[:, 1] * K[1, 2]], 1)
         nh = -nh / np.maximum(np.linalg.norm(nh, axis=1, keepdims=True), 1e-30)
@@ -265,68 +280,66 @@ def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: 
         best = int(np.argmax(inl.sum(1)))
         if inl[best].sum() < min_frac * samp.size:
             break
-        sel = inl[best]
-        cf = _fit_plane_w(su[sel], sv[sel], sw[sel])
-        # refit on every free pixel near the hypothesis (a loose band), then classify
-        wp = cf[0] * uu + cf[1] * vv + cf[2]
-        n_p = _plane_normal(cf, K)
-        agree = n_ok & ((normals.astype(np.float64) @ n_p) > cos_n)
-        dz = (w - wp) * z * z  # > 0: the pixel is nearer than the plane (on the camera side)
-        near = free & (np.abs(dz) < band_m) & agree
-        if near.sum() > 50:
-            cf = _fit_plane_w(uu[near][::3], vv[near][::3], w[near][::3].astype(np.float64))
-            wp = cf[0] * uu + cf[1] * vv + cf[2]
-            n_p = _plane_normal(cf, K)
-            agree = n_ok & ((normals.astype(np.float64) @ n_p) > cos_n)
-            dz = (w - wp) * z * z
-        band = valid & (np.abs(dz) < band_m) & agree
+        # refit on the sampled pixels in the plane's loose band (normals agreeing), then
+        # classify every pixel once
+        cf = coef[best]
+        for _ in range(2):
+            r = np.abs(cf[0] * su + cf[1] * sv + cf[2] - sw) * sz2
+            sel = (r < band_m) & ((sn @ _plane_normal(cf, K)) > cos_n)
+            if sel.sum() < 10:
+                break
+            cf = _fit_plane_w(su[sel], sv[sel], sw[sel])
+        n_p = _plane_normal(cf, K).astype(np.float32)
+        wp = np.float32(cf[0]) * uu + np.float32(cf[1]) * vv + np.float32(cf[2])
+        dz = (w32 - wp) * z2  # > 0: the pixel is nearer than the plane (on the camera side)
+        inband = valid & (np.abs(dz) < band_m)
+        band = inband & n_ok & ((nrm @ n_p) > cos_n)
         nlab, comp = cv2.connectedComponents(band.astype(np.uint8), connectivity=8)
         sizes = np.bincount(comp.ravel(), minlength=nlab)
         sizes[0] = 0
         is_struct = False
         ext_best = 0.0
+        sub = comp[::2, ::2]
+        psub = pc[::2, ::2]
         for ci in np.argsort(-sizes)[:3]:
             if sizes[ci] < 200:
                 break
-            e = _extent(pc[comp == ci])
+            e = _extent(psub[sub == ci])
             ext_best = max(ext_best, float(e[0]))
             if e[0] > extent_m:
                 is_struct = True
                 break
-        planes.append({"coef": cf.tolist(), "normal": n_p.tolist(), "band_px": int(band.sum()),
+        planes.append({"coef": [float(x) for x in cf], "normal": n_p.tolist(), "band_px": int(band.sum()),
                        "extent_m": ext_best, "structure": bool(is_struct)})
         if is_struct:
             structure |= band
             if not behind.any():  # the dominant (first, largest) structure plane: the support
                 behind |= valid & (wp > 0) & (dz < -band_m)
-        free &= ~(band | (valid & (np.abs(dz) < band_m)))
+        free &= ~inband
     if structure.any():
         # local height of the structure: pixels near it within the noise of that height join it
         # (rims whose smoothed normals mix the table and an object's foot); the rest stays
-        structure = _tighten(structure, pc, w, valid, z, sigma_w, inlier_k, planes, K, uu, vv)
+        structure = _tighten(structure, w32, valid, z2, sigma_w, inlier_k, planes, uu, vv)
     return structure, behind & ~structure, planes
 
 
-def _tighten(structure, pc, w, valid, z, sigma_w, k, planes, K, uu, vv, win: int = 31):
+def _tighten(structure, w, valid, z2, sigma_w, k, planes, uu, vv, win: int = 31):
     """Add the valid pixels next to structure whose inverse depth is within ``k`` noise levels
-    of the structure's local height (a normalised box mean of the nearest plane's residual over
+    of the structure's local height (a normalised box mean of the plane's residual over
     structure pixels), whatever their normal."""
-    H, W = w.shape
     out = structure.copy()
     for p in planes:
         if not p["structure"]:
             continue
-        a, b, c = p["coef"]
+        a, b, c = (np.float32(x) for x in p["coef"])
         res = (a * uu + b * vv + c) - w  # plane residual in w
-        on = structure & (np.abs(res * z * z) < 0.02)
+        on = structure & (np.abs(res * z2) < 0.02)
         if not on.any():
             continue
-        onf = on.astype(np.float32)
         num = cv2.boxFilter(np.where(on, res, 0).astype(np.float32), -1, (win, win), normalize=False)
-        den = cv2.boxFilter(onf, -1, (win, win), normalize=False)
+        den = cv2.boxFilter(on.astype(np.float32), -1, (win, win), normalize=False)
         local = num / np.maximum(den, 1e-6)
-        cand = valid & ~out & (den > 0.2 * win * win) & (np.abs(res - local) < k * sigma_w)
-        out |= cand
+        out |= valid & (den > 0.2 * win * win) & (np.abs(res - local) < k * sigma_w)
     return out
 
 
