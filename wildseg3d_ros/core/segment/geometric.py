@@ -527,30 +527,65 @@ def segment_extents(seg: np.ndarray, n: np.ndarray, cen: np.ndarray, mom: np.nda
     return np.sqrt(12.0 * np.maximum(ev, 0.0))
 
 
-def _adjacency(atoms, eh, ev, A):
+def _adjacency(atoms, eh, ev, A, pc=None, reach: int = 4):
     """Atom pairs (i < j) touching through connected 4-neighbour pairs, with the count of such
-    pixel pairs: (ea, eb, count)."""
-    a1 = np.concatenate([atoms[:, :-1][eh], atoms[:-1][ev]])
-    a2 = np.concatenate([atoms[:, 1:][eh], atoms[1:][ev]])
+    pixel pairs: (ea, eb, count).  With ``pc`` also, per pair, the mean 3D point of the border
+    (``mid``) and the mean 3D points ``reach`` pixels into each atom across the border
+    (``loc_a`` for ``ea``, ``loc_b`` for ``eb``; the border pixel itself where the atom is
+    thinner than that): the local geometry on both sides of the junction."""
+    H, W = atoms.shape
+    rr, cc = np.nonzero(eh)
+    r2, c2 = np.nonzero(ev)
+    # pixel pairs (p, q), q = p + (0, 1) or (1, 0), and the step direction
+    pr = np.concatenate([rr, r2])
+    pcol = np.concatenate([cc, c2])
+    dr = np.concatenate([np.zeros(rr.size, np.int64), np.ones(r2.size, np.int64)])
+    dc = 1 - dr
+    qr, qc = pr + dr, pcol + dc
+    a1, a2 = atoms[pr, pcol], atoms[qr, qc]
     k = (a1 != a2) & (a1 >= 0) & (a2 >= 0)
-    lo = np.minimum(a1[k], a2[k])
-    hi = np.maximum(a1[k], a2[k])
-    key, cnt = np.unique(lo * A + hi, return_counts=True)
-    return key // A, key % A, cnt
+    pr, pcol, qr, qc, dr, dc, a1, a2 = pr[k], pcol[k], qr[k], qc[k], dr[k], dc[k], a1[k], a2[k]
+    lo = np.minimum(a1, a2)
+    hi = np.maximum(a1, a2)
+    key, inv, cnt = np.unique(lo * A + hi, return_inverse=True, return_counts=True)
+    if pc is None:
+        return key // A, key % A, cnt
+    P, Q = pc[pr, pcol], pc[qr, qc]
+    # reach pixels back from p (into a1) and forward from q (into a2)
+    br = np.clip(pr - reach * dr, 0, H - 1)
+    bc = np.clip(pcol - reach * dc, 0, W - 1)
+    fr = np.clip(qr + reach * dr, 0, H - 1)
+    fc = np.clip(qc + reach * dc, 0, W - 1)
+    Pb = np.where((atoms[br, bc] == a1)[:, None], pc[br, bc], P)
+    Qf = np.where((atoms[fr, fc] == a2)[:, None], pc[fr, fc], Q)
+    first_is_lo = (a1 == lo)[:, None]
+    La = np.where(first_is_lo, Pb, Qf)
+    Lb = np.where(first_is_lo, Qf, Pb)
+
+    def mean(x):
+        return np.stack([np.bincount(inv, weights=x[:, c], minlength=key.size) for c in range(3)],
+                        1) / cnt[:, None]
+
+    return key // A, key % A, cnt, dict(mid=mean(0.5 * (P + Q)), loc_a=mean(La), loc_b=mean(Lb))
 
 
-def lccp_merge(ea, eb, cen, normal, ang_se, nok, concave_deg: float = 20.0,
+def lccp_merge(ea, eb, normal, ang_se, nok, geo, concave_deg: float = 20.0,
                concave_sigma: float = 3.0):
     """Classify atom adjacencies: returns (merge (E,) bool, concave angle (E,) deg, convex (E,)
-    bool).  An edge merges unless it is concave (``(n_i - n_j) . (x_i - x_j) < 0``) with a normal
-    angle above ``concave_deg`` and above ``concave_sigma`` times the combined standard error of
-    the two normals.  Edges of atoms without a reliable plane fit merge (their colour decides
-    later)."""
+    bool).  The junction of atoms i and j (normals ``n`` facing the camera, from their plane
+    fits) is convex when, seen from the middle ``m`` of their common border, the points a few
+    pixels into each atom lie behind the other atom's plane:
+    ``(l_i - m) . n_j + (l_j - m) . n_i < 0`` -- the local convexity criterion of LCCP, measured
+    across the border (``geo`` from :func:`_adjacency`) so that elongated atoms cannot flip it.
+    An edge merges unless it is concave with a normal angle above ``concave_deg`` and above
+    ``concave_sigma`` times the combined standard error of the two normals; ``nok`` marks atoms
+    with a reliable plane fit (others merge here; callers decide)."""
     ni, nj = normal[ea], normal[eb]
-    d = cen[ea] - cen[eb]
+    m = geo["mid"]
+    s = ((geo["loc_a"] - m) * nj).sum(1) + ((geo["loc_b"] - m) * ni).sum(1)
     cosang = np.clip((ni * nj).sum(1), -1.0, 1.0)
     ang = np.degrees(np.arccos(cosang))
-    convex = ((ni - nj) * d).sum(1) > 0
+    convex = s < 0
     se = np.degrees(np.sqrt(ang_se[ea] ** 2 + ang_se[eb] ** 2))
     concave_cut = ~convex & (ang > concave_deg) & (ang > concave_sigma * se) & nok[ea] & nok[eb]
     return ~concave_cut, np.where(convex, 0.0, ang), convex
@@ -570,11 +605,13 @@ class GeometricSegmenter(Segmenter):
                  concave_sigma: float = 3.0, min_segment_px: int = 150,
                  min_valid_frac: float = 0.05, voxel: Optional[float] = None,
                  min_overlap: float = 0.25, cache_size: int = 8, crease_weight: float = 2.0, min_atom_px: int = 25,
-                 min_object_extent_m: float = 0.04,
+                 min_object_extent_m: float = 0.04, min_border_px: int = 3, planar_k: float = 10.0,
                  classical_kwargs: Optional[dict] = None):
         self.crease_weight = float(crease_weight)
         self.min_atom_px = int(min_atom_px)
         self.min_object_extent_m = float(min_object_extent_m)
+        self.min_border_px = int(min_border_px)
+        self.planar_k = float(planar_k)
         self.jump_k = float(jump_k)
         self.smooth_px = int(smooth_px)
         self.atom_px = int(atom_px)
@@ -686,12 +723,19 @@ class GeometricSegmenter(Segmenter):
         atoms, A = _absorb_small_atoms(atoms, A, eh, ev, self.min_atom_px)
         info.update(atoms=atoms, A=A)
         st = _atom_stats(atoms, A, pc, w, valid, lab, K, sigma_w)
-        ea, eb, cnt = _adjacency(atoms, eh, ev, A)
+        ea, eb, cnt, geo = _adjacency(atoms, eh, ev, A, pc)
         # a normal known to worse than a third of the cut angle cannot vouch for a junction
-        reliable = st["ok"] & (np.degrees(st["ang_se"]) < self.concave_deg / 3.0)
-        merge, concave_ang, convex = lccp_merge(ea, eb, st["cen"], st["normal"], st["ang_se"], reliable,
+        # and an atom that does not fit a plane to a few noise levels straddles an unresolved
+        # depth step (mixed pixels): its normal means nothing
+        reliable = (st["ok"] & (np.degrees(st["ang_se"]) < self.concave_deg / 3.0)
+                    & (st["rms"] < self.planar_k * sigma_w))
+        info["reliable"] = reliable
+        merge, concave_ang, convex = lccp_merge(ea, eb, st["normal"], st["ang_se"], reliable, geo,
                                                 self.concave_deg, self.concave_sigma)
         merge &= reliable[ea] & reliable[eb]
+        # a junction seen over one or two pixel pairs is no evidence of a shared surface (a
+        # missed depth step at a corner); atoms that touch share a border of many pixels
+        merge &= cnt >= self.min_border_px
         cdist = np.linalg.norm((st["col"][ea] - st["col"][eb]) * np.array([0.5, 1.0, 1.0]), axis=1)
         seg = self._merge(A, ea, eb, cnt, merge, st)
         labels = np.zeros((H, W), np.int32)
