@@ -118,21 +118,27 @@ def _side_median(d: np.ndarray, k: int, side: int) -> np.ndarray:
     return np.where(np.isfinite(med), med, 0.0)
 
 
-def depth_jumps(w: np.ndarray, valid: np.ndarray, tau: float, k: int = 3):
+def depth_jumps(w: np.ndarray, valid: np.ndarray, tau: float, k: int = 3, ratio: float = 2.0):
     """Continuity of 4-neighbour pairs: (horizontal (H, W-1), vertical (H-1, W)) bool, True =
     connected.  A pair is cut when either pixel is invalid, or when its step in inverse depth
     differs by more than ``tau`` from the median of the ``k`` steps on *each* side of it along
-    the same line (a plane has equal steps in ``w`` whatever its slant; a side without steps
-    counts as flat) and the step itself exceeds ``tau``.  The medians make a ramp of up to
+    the same line, and is more than ``ratio`` times that median (a plane has equal steps in
+    ``w`` whatever its slant, a curved surface gradually changing ones; a side without steps
+    counts as flat), and the step itself exceeds ``tau``.  The medians make a ramp of up to
     ``k - 1`` mixed pixels across an occluding contour a cut, too."""
     def one(a, ok):  # along axis 1
         d = a[:, 1:] - a[:, :-1]
         okp = ok[:, 1:] & ok[:, :-1]
         d = np.where(okp, d, np.nan)
         with np.errstate(invalid="ignore"):
-            dl = np.abs(d - _side_median(d, k, -1))
-            dr = np.abs(d - _side_median(d, k, +1))
-            jump = (np.minimum(dl, dr) > tau) & (np.abs(d) > tau)
+            ml, mr = _side_median(d, k, -1), _side_median(d, k, +1)
+            ad = np.abs(d)
+            # a step is a jump when it stands out from the steps on both sides by more than
+            # the noise AND by more than ``ratio`` times their size (curved surfaces change
+            # their steps gradually, even at grazing angles)
+            jl = (np.abs(d - ml) > tau) & (ad > ratio * np.abs(ml))
+            jr = (np.abs(d - mr) > tau) & (ad > ratio * np.abs(mr))
+            jump = jl & jr & (ad > tau)
         return okp & ~jump
 
     eh = one(w, valid)
@@ -502,12 +508,29 @@ def _atom_stats(atoms, A, pc, w, valid, lab, K, sigma_w):
     ang = np.where(ok, np.minimum(ang, np.pi), np.pi)
     P = pc[m]
     cen = np.stack([s(P[:, k]) for k in range(3)], 1) / nn[:, None]
+    # residual of a quadric fit w ~ 1, u, v, u^2, uv, v^2 (coordinates centred and scaled per
+    # atom): a smooth curved patch fits it to the noise, a patch folded over a crease does not
+    sc = np.sqrt(np.maximum((Suu + Svv) / nn, 1e-12))[a]
+    x, y = du / sc, dv / sc
+    basis = [np.ones_like(x), x, y, x * x, x * y, y * y]
+    G = np.empty((A, 6, 6))
+    for i in range(6):
+        for j in range(i, 6):
+            G[:, i, j] = G[:, j, i] = s(basis[i] * basis[j])
+    rhs = np.stack([s(b * dw) for b in basis], 1)
+    G += np.eye(6)[None] * 1e-9 * np.maximum(n, 1)[:, None, None]
+    okq = n >= 12
+    coefq = np.zeros((A, 6))
+    if okq.any():
+        coefq[okq] = np.linalg.solve(G[okq], rhs[okq][..., None])[..., 0]
+    rss_q = np.maximum(Sww - (coefq * rhs).sum(1), 0.0)
+    rms_q = np.where(okq, np.sqrt(rss_q / np.maximum(n, 1)), np.sqrt(rss / np.maximum(n, 1)))
     # raw second moments (about the atom centroid) for segment extents
     Q = P - cen[a]
     mom = np.stack([s(Q[:, i] * Q[:, j]) for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))], 1)
     col = np.stack([s(lab[m][:, k].astype(np.float64)) for k in range(3)], 1) / nn[:, None]
     return dict(n=n, cen=cen, mom=mom, normal=normal, ang_se=ang, ok=ok, col=col,
-                rms=np.sqrt(rss / np.maximum(n, 1)))
+                rms=np.sqrt(rss / np.maximum(n, 1)), rms_quad=rms_q)
 
 
 def segment_extents(seg: np.ndarray, n: np.ndarray, cen: np.ndarray, mom: np.ndarray) -> np.ndarray:
@@ -527,7 +550,7 @@ def segment_extents(seg: np.ndarray, n: np.ndarray, cen: np.ndarray, mom: np.nda
     return np.sqrt(12.0 * np.maximum(ev, 0.0))
 
 
-def _adjacency(atoms, eh, ev, A, pc=None, reach: int = 4):
+def _adjacency(atoms, eh, ev, A, pc=None, reach: int = 4, normals=None):
     """Atom pairs (i < j) touching through connected 4-neighbour pairs, with the count of such
     pixel pairs: (ea, eb, count).  With ``pc`` also, per pair, the mean 3D point of the border
     (``mid``) and the mean 3D points ``reach`` pixels into each atom across the border
@@ -566,7 +589,15 @@ def _adjacency(atoms, eh, ev, A, pc=None, reach: int = 4):
         return np.stack([np.bincount(inv, weights=x[:, c], minlength=key.size) for c in range(3)],
                         1) / cnt[:, None]
 
-    return key // A, key % A, cnt, dict(mid=mean(0.5 * (P + Q)), loc_a=mean(La), loc_b=mean(Lb))
+    geo = dict(mid=mean(0.5 * (P + Q)), loc_a=mean(La), loc_b=mean(Lb))
+    if normals is not None:
+        # pixel normals at the same points: the local surface orientation on each side
+        Nb = normals[br, bc].astype(np.float64)
+        Nf = normals[fr, fc].astype(np.float64)
+        na, nb = mean(np.where(first_is_lo, Nb, Nf)), mean(np.where(first_is_lo, Nf, Nb))
+        geo["nloc_a"] = na / np.maximum(np.linalg.norm(na, axis=1, keepdims=True), 1e-12)
+        geo["nloc_b"] = nb / np.maximum(np.linalg.norm(nb, axis=1, keepdims=True), 1e-12)
+    return key // A, key % A, cnt, geo
 
 
 def lccp_merge(ea, eb, normal, ang_se, nok, geo, concave_deg: float = 20.0,
@@ -605,13 +636,14 @@ class GeometricSegmenter(Segmenter):
                  concave_sigma: float = 3.0, min_segment_px: int = 150,
                  min_valid_frac: float = 0.05, voxel: Optional[float] = None,
                  min_overlap: float = 0.25, cache_size: int = 8, crease_weight: float = 2.0, min_atom_px: int = 25,
-                 min_object_extent_m: float = 0.04, min_border_px: int = 3, planar_k: float = 10.0,
+                 min_object_extent_m: float = 0.04, min_border_px: int = 3, planar_k: float = 10.0, color_same: float = 12.0,
                  classical_kwargs: Optional[dict] = None):
         self.crease_weight = float(crease_weight)
         self.min_atom_px = int(min_atom_px)
         self.min_object_extent_m = float(min_object_extent_m)
         self.min_border_px = int(min_border_px)
         self.planar_k = float(planar_k)
+        self.color_same = float(color_same)
         self.jump_k = float(jump_k)
         self.smooth_px = int(smooth_px)
         self.atom_px = int(atom_px)
@@ -723,20 +755,43 @@ class GeometricSegmenter(Segmenter):
         atoms, A = _absorb_small_atoms(atoms, A, eh, ev, self.min_atom_px)
         info.update(atoms=atoms, A=A)
         st = _atom_stats(atoms, A, pc, w, valid, lab, K, sigma_w)
-        ea, eb, cnt, geo = _adjacency(atoms, eh, ev, A, pc)
+        ea, eb, cnt, geo = _adjacency(atoms, eh, ev, A, pc, normals=normals)
         # a normal known to worse than a third of the cut angle cannot vouch for a junction
-        # and an atom that does not fit a plane to a few noise levels straddles an unresolved
-        # depth step (mixed pixels): its normal means nothing
-        reliable = (st["ok"] & (np.degrees(st["ang_se"]) < self.concave_deg / 3.0)
-                    & (st["rms"] < self.planar_k * sigma_w))
+        # and an atom bent by more than the cut angle (it straddles a crease or an unresolved
+        # depth step) has a meaningless mean normal: a V of angle t over an atom of size L
+        # leaves a plane-fit residual of L tan(t/2) / (4 sqrt 3), so t ~ 8 sqrt(3) rms / L;
+        # only residuals well above the noise (planar_k sigma) say anything
+        zc = np.maximum(st["cen"][:, 2], 1e-6)
+        size = np.sqrt(st["n"]) * zc / K[0, 0]
+        bend = 8.0 * np.sqrt(3.0) * st["rms"] * zc ** 2 / np.maximum(size, 1e-12)
+        bent = (st["rms"] > self.planar_k * sigma_w) & (bend > np.radians(self.concave_deg))
+        info["bent"] = bent
+        reliable = st["ok"] & (np.degrees(st["ang_se"]) < self.concave_deg / 3.0) & ~bent
         info["reliable"] = reliable
         merge, concave_ang, convex = lccp_merge(ea, eb, st["normal"], st["ang_se"], reliable, geo,
                                                 self.concave_deg, self.concave_sigma)
+        # a junction with a bent atom is judged by the pixel normals a few pixels either side
+        # of the border instead (a smooth sphere at coarse resolution bends its atoms, too),
+        # and only between similar colours: an atom folded over a contact line must not
+        # bridge two objects
+        cdist = np.linalg.norm((st["col"][ea] - st["col"][eb]) * np.array([0.5, 1.0, 1.0]), axis=1)
+        wb = ~(reliable[ea] & reliable[eb]) & (bent[ea] | bent[eb])
+        if wb.any():
+            nla, nlb = geo["nloc_a"][wb], geo["nloc_b"][wb]
+            m_ = geo["mid"][wb]
+            sl = ((geo["loc_a"][wb] - m_) * nlb).sum(1) + ((geo["loc_b"][wb] - m_) * nla).sum(1)
+            angl = np.degrees(np.arccos(np.clip((nla * nlb).sum(1), -1.0, 1.0)))
+            ok_b = ((sl < 0) | (angl < self.concave_deg)) & (cdist[wb] < self.color_same)
+            ok_b &= (st["ok"][ea[wb]] | bent[ea[wb]]) & (st["ok"][eb[wb]] | bent[eb[wb]])
+            merge_b = np.zeros(merge.shape, bool)
+            merge_b[np.flatnonzero(wb)[ok_b]] = True
+        else:
+            merge_b = np.zeros(merge.shape, bool)
         merge &= reliable[ea] & reliable[eb]
+        merge |= merge_b
         # a junction seen over one or two pixel pairs is no evidence of a shared surface (a
         # missed depth step at a corner); atoms that touch share a border of many pixels
         merge &= cnt >= self.min_border_px
-        cdist = np.linalg.norm((st["col"][ea] - st["col"][eb]) * np.array([0.5, 1.0, 1.0]), axis=1)
         seg = self._merge(A, ea, eb, cnt, merge, st)
         labels = np.zeros((H, W), np.int32)
         labels[atoms >= 0] = seg[atoms[atoms >= 0]]
