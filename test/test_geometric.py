@@ -38,7 +38,7 @@ def clutter_scene():
                   half_extents=np.array([0.10, 0.0425, 0.0425]))
     top = _prim("box", TOP, "box on block", center=np.array([0.01, 0.0, T + 0.085 + 0.02]),
                 half_extents=np.array([0.05, 0.025, 0.02]), yaw=0.3)
-    can = _prim("cylinder", CAN, "can", center=np.array([0.05, -0.0425 - 0.033, T + 0.05]),
+    can = _prim("cylinder", CAN, "can", center=np.array([0.10 + 0.033, -0.01, T + 0.05]),
                 radius=0.033, height=0.10)
     marker = _prim("box", MARKER, "marker", center=np.array([-0.05, -0.13, T + 0.009]),
                    half_extents=np.array([0.06, 0.009, 0.009]), yaw=0.2)
