@@ -106,17 +106,6 @@ def evaluate_scene(video, scene, kf, segmenters, prebuilt=None, oracle=True):
     return out, timing
 
 
-def gt_geometry_scene(video, kf):
-    from wildseg3d_ros.core.geometry import depth_to_world
-    from wildseg3d_ros.core.scene import AlignedScene
-
-    pts = np.stack([depth_to_world(video.depth[f], video.K[f], video.poses[f]) for f in kf])
-    valid = video.depth[kf] > 0
-    pts[~valid] = 0.0
-    return AlignedScene(pts3d=pts.astype(np.float32), conf=valid.astype(np.float32),
-                        poses=video.poses[kf].copy(), K=video.K[kf].copy(), rgb=video.rgb[kf].copy())
-
-
 def per_view_seconds(video, kf):
     from wildseg3d_ros.core.geometry import backproject_depth
     from wildseg3d_ros.core.segment.geometric import GeometricSegmenter
@@ -167,7 +156,7 @@ def main():
         vrep["per_view_geometric_s"] = [round(x, 3) for x in per_view_seconds(video, kf)]
         print(f"per-view geometric segmentation (s): {vrep['per_view_geometric_s']}")
         segs = {"geometric": make_segmenter("geometric"), "classical": make_segmenter("classical")}
-        geometries = {"gt_geometry": gt_geometry_scene(video, kf)}
+        geometries = {"gt_geometry": ycbv.gt_geometry_scene(video, kf)}
         prebuilt = {}
         if not args.no_pipeline:
             kfs = [Keyframe(i, 0.1 * f, video.rgb[f], video.K[f], video.depth[f], video.poses[f])

@@ -728,6 +728,8 @@ def run_segment(args) -> dict:
     if args.backend == "dust3r" and not args.checkpoint:
         raise InputError("--backend dust3r needs --checkpoint <local DUSt3R/MASt3R .pth or save_pretrained folder> "
                          "(weights are never downloaded; see docs/gpu_setup.md, check with `wildseg3d check-gpu`)")
+    if args.segmenter == "auto":
+        args.segmenter = "geometric" if args.backend == "rgbd" else "classical"
     if args.segmenter == "sam2" and not args.sam2_checkpoint:
         raise InputError("--segmenter sam2 needs --sam2-checkpoint <sam2.1_hiera_*.pt> (see docs/gpu_setup.md)")
 
@@ -959,8 +961,10 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, choices=(224, 512), default=512, help="dust3r: network input size")
     m.add_argument("--batch-size", type=int, default=4, help="dust3r: pairs per forward pass")
     m.add_argument("--scene-graph", default="complete", help="pair graph: complete | swin-<k> | oneref-<k>")
-    m.add_argument("--segmenter", choices=("classical", "sam2"), default="classical",
-                   help="mask-cache segmenter: classical (CPU, no weights) or sam2 (default classical)")
+    m.add_argument("--segmenter", choices=("auto", "geometric", "classical", "sam2"), default="auto",
+                   help="mask-cache segmenter: geometric (CPU, no weights; RGB-D clutter: support planes, "
+                        "depth discontinuities, convexity), classical (CPU, no weights; colour + geometry) or "
+                        "sam2; auto (default): geometric with the rgbd backend, classical with dust3r")
     m.add_argument("--sam2-checkpoint", help="sam2: checkpoint .pt (e.g. sam2.1_hiera_tiny.pt)")
     m.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml",
                    help="sam2: config name inside the sam2 package matching the checkpoint")

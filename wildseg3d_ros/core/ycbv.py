@@ -37,6 +37,7 @@ from scipy import ndimage
 from .geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
 
 __all__ = ["TabletopVideo", "load_video", "list_videos", "interior_click", "project_to_frames",
+           "gt_geometry_scene", "frame_ious",
            "fit_rigid_to_poses", "apply_rigid", "rotation_errors_deg", "corrective_click",
            "mask_iou", "uniform_indices"]
 
@@ -164,6 +165,30 @@ def project_to_frames(points: np.ndarray, K: np.ndarray, poses: np.ndarray, dept
             m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
         out[f] = m.astype(bool)
     return out
+
+
+def gt_geometry_scene(video: TabletopVideo, frames: Sequence[int]):
+    """An :class:`~wildseg3d_ros.core.scene.AlignedScene` of the given frames built from their
+    own depth, GT intrinsics and GT poses (no registration, no alignment): isolates what
+    segmentation does from what the reconstruction does.  No mask cache yet."""
+    from .geometry import depth_to_world
+    from .scene import AlignedScene
+
+    frames = list(frames)
+    pts = np.stack([depth_to_world(video.depth[f], video.K[f], video.poses[f]) for f in frames])
+    valid = video.depth[frames] > 0
+    pts[~valid] = 0.0
+    return AlignedScene(pts3d=pts.astype(np.float32), conf=valid.astype(np.float32),
+                        poses=video.poses[frames].copy(), K=video.K[frames].copy(),
+                        rgb=video.rgb[frames].copy())
+
+
+def frame_ious(points: np.ndarray, video: TabletopVideo, label: int) -> np.ndarray:
+    """IoU per frame of the 3D segment ``points`` (GT world frame) projected into every frame
+    of the video (:func:`project_to_frames`) against the GT mask of ``label``."""
+    pred = project_to_frames(points, video.K, video.poses, video.depth)
+    gt = video.labels == label
+    return np.array([mask_iou(pred[f], gt[f]) for f in range(video.num_frames)])
 
 
 def fit_rigid_to_poses(est_poses: np.ndarray, gt_poses: np.ndarray) -> np.ndarray:

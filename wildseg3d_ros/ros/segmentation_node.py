@@ -59,8 +59,9 @@ from .node_common import NodeCommonMixin
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
-    ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks.",
-              choices=("classical", "sam2")),
+    ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks (use the "
+              "reconstruction node's: classical, geometric or sam2).",
+              choices=("classical", "geometric", "sam2")),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("device", "cpu", "torch device for SAM2 refinement (cpu, cuda, cuda:N, mps).", check=check_device),

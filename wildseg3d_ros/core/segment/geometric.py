@@ -230,7 +230,7 @@ def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: 
                      n_ok: np.ndarray, K: np.ndarray, sigma_w: float, band_m: float = 0.01,
                      normal_deg: float = 20.0, extent_m: float = 0.3, max_planes: int = 4,
                      inlier_k: float = 3.0, n_hyp: int = 150, n_sample: int = 3000,
-                     min_frac: float = 0.02, hyp_px: int = 25, seed: int = 0):
+                     min_frac: float = 0.02, hyp_px: int = 25, tighten_px: int = 31, seed: int = 0):
     """Background planes (tables, floors, walls) of one view.
 
     Returns (structure (H, W) bool, behind (H, W) bool, planes list of dicts).  Sequential RANSAC
@@ -325,7 +325,8 @@ def structure_planes(pc: np.ndarray, w: np.ndarray, valid: np.ndarray, normals: 
     if structure.any():
         # local height of the structure: pixels near it within the noise of that height join it
         # (rims whose smoothed normals mix the table and an object's foot); the rest stays
-        structure = _tighten(structure, w32, valid, z2, sigma_w, inlier_k, planes, uu, vv)
+        structure = _tighten(structure, w32, valid, z2, sigma_w, inlier_k, planes, uu, vv,
+                             win=max(3, int(tighten_px) | 1))
     return structure, behind & ~structure, planes
 
 
@@ -733,18 +734,25 @@ class GeometricSegmenter(Segmenter):
         sigma_w = inverse_depth_noise(w, valid)
         tau = self.jump_k * np.sqrt(6.0) * sigma_w
         eh, ev = depth_jumps(w, valid, tau)
-        ws = run_mean(w, eh, self.smooth_px)
-        ws = run_mean(ws.T, ev.T, self.smooth_px).T
+        # pixel sizes are given for a 640 px wide image and scale with the image
+        sc = W / 640.0
+        px = dict(smooth=max(1, int(round(self.smooth_px * sc))),
+                        atom=max(4, int(round(self.atom_px * sc))),
+                        min_atom=max(4, int(round(self.min_atom_px * sc * sc))),
+                        min_segment=max(10, int(round(self.min_segment_px * sc * sc))),
+                        hyp=max(5, int(round(25 * sc))), tighten=max(5, int(round(31 * sc))))
+        ws = run_mean(w, eh, px["smooth"])
+        ws = run_mean(ws.T, ev.T, px["smooth"]).T
         normals, n_ok = normals_from_inverse_depth(ws, K, eh, ev)
         n_ok &= valid
         structure, behind, planes = structure_planes(
             pc, w, valid, normals, n_ok, K, sigma_w, band_m=self.plane_band_m,
             normal_deg=self.plane_normal_deg, extent_m=self.structure_extent_m,
-            max_planes=self.max_planes)
+            max_planes=self.max_planes, hyp_px=px["hyp"], tighten_px=px["tighten"])
         fg = valid & ~structure & ~behind
         lab = _lab_image(rgb)
         crease = _crease(normals, n_ok)
-        atoms = _atoms(lab, fg, eh, ev, self.atom_px, crease, self.crease_weight)
+        atoms = _atoms(lab, fg, eh, ev, px["atom"], crease, self.crease_weight)
         A = int(atoms.max()) + 1 if fg.any() else 0
         info = dict(H=H, W=W, K=K, sigma_w=sigma_w, valid=valid, structure=structure, behind=behind,
                     planes=planes, atoms=atoms, A=A, eh=eh, ev=ev, lab=lab)
@@ -752,7 +760,7 @@ class GeometricSegmenter(Segmenter):
             info.update(labels=np.zeros((H, W), np.int32), seg_of_atom=np.zeros(0, np.int64),
                         ea=np.zeros(0, np.int64), eb=np.zeros(0, np.int64), cost=np.zeros(0))
             return info
-        atoms, A = _absorb_small_atoms(atoms, A, eh, ev, self.min_atom_px)
+        atoms, A = _absorb_small_atoms(atoms, A, eh, ev, px["min_atom"])
         info.update(atoms=atoms, A=A)
         st = _atom_stats(atoms, A, pc, w, valid, lab, K, sigma_w)
         ea, eb, cnt, geo = _adjacency(atoms, eh, ev, A, pc, normals=normals)
@@ -792,7 +800,7 @@ class GeometricSegmenter(Segmenter):
         # a junction seen over one or two pixel pairs is no evidence of a shared surface (a
         # missed depth step at a corner); atoms that touch share a border of many pixels
         merge &= cnt >= self.min_border_px
-        seg = self._merge(A, ea, eb, cnt, merge, st)
+        seg = self._merge(A, ea, eb, cnt, merge, st, px)
         labels = np.zeros((H, W), np.int32)
         labels[atoms >= 0] = seg[atoms[atoms >= 0]]
         # path costs for refinement: concavity (in units of the cut angle) + colour difference
@@ -801,7 +809,7 @@ class GeometricSegmenter(Segmenter):
                     concave_ang=concave_ang, convex=convex, cdist=cdist, cost=cost, stats=st)
         return info
 
-    def _merge(self, A, ea, eb, cnt, merge, st):
+    def _merge(self, A, ea, eb, cnt, merge, st, px):
         """Connected components of the merge edges; then *fragments* -- segments under
         ``min_segment_px`` pixels or shorter than ``min_object_extent_m`` (a bottle's cap cut
         off by its concave neck, a rim) -- join the neighbour they share the longest
@@ -815,7 +823,7 @@ class GeometricSegmenter(Segmenter):
             S = int(seg.max()) + 1
             area = np.bincount(seg, weights=n_px, minlength=S)
             ext = segment_extents(seg, n_px, st["cen"], st["mom"])
-            frag = (area < self.min_segment_px) | (ext < self.min_object_extent_m)
+            frag = (area < px["min_segment"]) | (ext < self.min_object_extent_m)
             sa, sb = seg[ea], seg[eb]
             cross = sa != sb
             fa, fb = cross & frag[sa], cross & frag[sb]
@@ -845,7 +853,7 @@ class GeometricSegmenter(Segmenter):
                 break
             seg = remap[seg]
         area = np.bincount(seg, weights=n_px, minlength=seg.max() + 1)
-        keep = area >= self.min_segment_px
+        keep = area >= px["min_segment"]
         seg = np.where(keep[seg], seg + 1, 0)
         return relabel_consecutive(seg).astype(np.int64)
 
