@@ -778,19 +778,19 @@ class GeometricSegmenter(Segmenter):
         info["reliable"] = reliable
         merge, concave_ang, convex = lccp_merge(ea, eb, st["normal"], st["ang_se"], reliable, geo,
                                                 self.concave_deg, self.concave_sigma)
-        # a junction with a bent atom is judged by the pixel normals a few pixels either side
-        # of the border instead (a smooth sphere at coarse resolution bends its atoms, too),
-        # and only between similar colours: an atom folded over a contact line must not
-        # bridge two objects
+        # a junction with an unreliable atom (bent, or too noisy / small for its normal) is
+        # judged by the pixel normals a few pixels either side of the border instead (a smooth
+        # sphere at coarse resolution bends its atoms, far noisy depth blurs them), and only
+        # between similar colours: an atom folded over a contact line must not bridge two
+        # objects
         cdist = np.linalg.norm((st["col"][ea] - st["col"][eb]) * np.array([0.5, 1.0, 1.0]), axis=1)
-        wb = ~(reliable[ea] & reliable[eb]) & (bent[ea] | bent[eb])
+        wb = ~(reliable[ea] & reliable[eb])
         if wb.any():
             nla, nlb = geo["nloc_a"][wb], geo["nloc_b"][wb]
             m_ = geo["mid"][wb]
             sl = ((geo["loc_a"][wb] - m_) * nlb).sum(1) + ((geo["loc_b"][wb] - m_) * nla).sum(1)
             angl = np.degrees(np.arccos(np.clip((nla * nlb).sum(1), -1.0, 1.0)))
             ok_b = ((sl < 0) | (angl < self.concave_deg)) & (cdist[wb] < self.color_same)
-            ok_b &= (st["ok"][ea[wb]] | bent[ea[wb]]) & (st["ok"][eb[wb]] | bent[eb[wb]])
             merge_b = np.zeros(merge.shape, bool)
             merge_b[np.flatnonzero(wb)[ok_b]] = True
         else:
