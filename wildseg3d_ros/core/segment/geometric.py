@@ -704,10 +704,13 @@ class GeometricSegmenter(Segmenter):
         return rgb, pc, v, K
 
     def _key(self, rgb, pc, valid):
+        """Cache key of a view: its image, validity and camera-frame depth on a coarse grid in
+        1 cm bins (the same keyframe seen as a camera-frame pointmap by the pre-segmentation and
+        as a resected world pointmap by the mask cache gets the same key)."""
         h = hashlib.blake2b(rgb.tobytes(), digest_size=16)
         h.update(np.packbits(valid).tobytes())
-        z = np.where(valid, pc[..., 2], 0)[::11, ::11]
-        h.update(np.round(z * 2000.0).astype(np.int32).tobytes())
+        z = np.where(valid, pc[..., 2], 0)[::16, ::16]
+        h.update(np.round(z * 100.0).astype(np.int32).tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ per-view analysis
