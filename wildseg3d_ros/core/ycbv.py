@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .geometry import backproject_depth, invert_pose, rotation_angle_deg, transform_points
+from .geometry import invert_pose, rotation_angle_deg, transform_points
 
 __all__ = ["TabletopVideo", "load_video", "list_videos", "interior_click", "project_to_frames",
            "gt_geometry_scene", "frame_ious",

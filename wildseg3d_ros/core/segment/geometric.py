@@ -12,31 +12,45 @@ answers):
 
 1. **Camera frame**: a world pointmap is brought back into its camera frame by a linear
    resection (:func:`~wildseg3d_ros.core.geometry.resect_pinhole`), so the result does not depend
-   on the world frame.
+   on the world frame (and the pre-segmentation's camera-frame pass and the mask cache's
+   world-frame pass share one cached analysis).
 2. **Noise** ``sigma_w`` (:func:`inverse_depth_noise`): robust spread of ``w`` about its 5x5
-   mean on smooth, fully valid windows (includes the depth quantisation).
+   mean on fully valid windows (includes the depth quantisation).
 3. **Depth discontinuities** (:func:`depth_jumps`): a 4-neighbour pair is cut when its step in
-   ``w`` differs from the steps on both sides of it by more than ``jump_k * sqrt(6) sigma_w``
-   (the second difference of a plane is 0 in ``w``, whatever its slant).
+   ``w`` differs from the median of the 3 steps on *each* side of it by more than
+   ``jump_k * sqrt(6) sigma_w`` and by more than twice their size (a plane has equal steps in
+   ``w`` whatever its slant; curved surfaces change them gradually; the medians also cut ramps
+   of mixed pixels at occluding contours).
 4. **Normals** (:func:`normals_from_inverse_depth`): from the gradient of ``w`` smoothed along
    continuous runs (never across a discontinuity): ``n ~ -(fx w_u, fy w_v, w - (u-cx) w_u -
    (v-cy) w_v)``, exact for planes.
-5. **Support and structure planes** (:func:`structure_planes`): RANSAC in ``(u, v, w)`` with a
-   normal check; a plane's pixels (within ``plane_band_m`` of it, normals within
-   ``plane_normal_deg``) are background when one connected piece of them is larger than
-   ``structure_extent_m`` (tables, floors, walls; no object face is that large), plus what
-   lies behind such a plane (the floor seen past a table edge).  Objects keep everything above
-   the plane's local height by more than the noise.
-6. **Atoms**: watershed superpixels on the colour gradient (grid markers every ``atom_px``
-   pixels), split by the discontinuities.
+5. **Support and structure planes** (:func:`structure_planes`): RANSAC in ``(u, v, w)`` (local
+   pixel triples) with a normal check; a plane's pixels (within ``plane_band_m`` of it, normals
+   within ``plane_normal_deg``) are background when one connected piece of them is longer than
+   ``structure_extent_m`` (tables, floors, walls; no object face is that large), plus what lies
+   behind the dominant one (the floor seen past a table edge); pixels within 3 noise levels of
+   the plane's *local* height join it (a slightly warped table).  A thin object lying on the
+   table keeps everything above ``plane_band_m``.
+6. **Atoms**: watershed superpixels of the colour gradient plus the normals' crease angle (one
+   marker per ``atom_px`` cell at its lowest point), split by the discontinuities; atoms under
+   ``min_atom_px`` join their longest-border neighbour.
 7. **Local convexity** between adjacent atoms (:func:`lccp_merge`): each atom's plane is fitted
-   in ``(u, v, w)`` by least squares, giving its normal, centroid and the normal's standard
-   error from the measured noise.  Two atoms that touch without a discontinuity merge unless the
-   junction is *concave* (``(n_i - n_j) . (x_i - x_j) < 0``) by more than ``concave_deg`` and
-   more than ``concave_sigma`` standard errors: a banana on a block or a box on a box come
-   apart at their concave contact, while the faces of one convex object stay together.
-8. Segments smaller than ``min_segment_px`` join the neighbour they share most border with, or
-   are dropped.
+   in ``(u, v, w)`` by least squares, giving its normal and the normal's standard error from
+   the measured noise.  Two atoms touching without a discontinuity (over at least
+   ``min_border_px`` pixel pairs) merge unless their junction, measured across the border, is
+   *concave* by more than ``concave_deg`` and more than ``concave_sigma`` standard errors: a
+   banana on a block or a box on a box come apart at their concave contact, while the faces of
+   one convex object stay together.  An atom whose normal cannot be trusted -- standard error
+   above a third of ``concave_deg``, or bent by more than ``concave_deg`` with a plane-fit
+   residual above ``planar_k`` noise levels (it straddles a crease) -- joins a neighbour only
+   where the pixel normals a few pixels either side of the border are not concave and the
+   colours are within ``color_same`` (CIE Lab, lightness halved).
+8. *Fragments* -- segments under ``min_segment_px`` pixels or shorter than
+   ``min_object_extent_m`` (a bottle's cap cut off by its concave neck) -- join the neighbour
+   they share the longest continuous border with, or are dropped when tiny.
+
+Pixel sizes are given for a 640 px wide image and scale with the image.  Physical sizes assume a
+metric pointmap (the ``rgbd`` backend).
 
 :meth:`build_mask_cache` associates the per-view segments across views in 3D
 (:func:`~wildseg3d_ros.core.segment.mask_cache.associate_masks_3d`).  :meth:`refine` selects the
@@ -56,7 +70,6 @@ from typing import Optional, Tuple
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 
@@ -76,7 +89,7 @@ def camera_frame(pts: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.nda
     """(camera-frame pointmap (H, W, 3) float64, K (3, 3)) of an organised pinhole pointmap in
     any frame, by linear resection (exact for exact pointmaps).  Raises ValueError when the
     pointmap is degenerate."""
-    K, c2w = resect_pinhole(pts, valid)
+    K, c2w = resect_pinhole(pts, valid, max_samples=1500)
     R, c = c2w[:3, :3], c2w[:3, 3]
     pc = (np.asarray(pts, np.float64) - c) @ R
     return pc, K
@@ -440,7 +453,8 @@ def _absorb_small_atoms(atoms, A, eh, ev, min_px: int):
         ea, eb, cnt = _adjacency(atoms, eh, ev, A)
         src = np.concatenate([ea[small[ea]], eb[small[eb]]])
         dst = np.concatenate([eb[small[ea]], ea[small[eb]]])
-        wgt = np.concatenate([cnt[small[ea]], cnt[small[eb]]]) + 1e-3 * np.concatenate([n[eb[small[ea]]], n[ea[small[eb]]]])
+        wgt = (np.concatenate([cnt[small[ea]], cnt[small[eb]]])
+               + 1e-3 * np.concatenate([n[eb[small[ea]]], n[ea[small[eb]]]]))  # ties: larger one
         if src.size == 0:
             break
         o = np.lexsort((-wgt, src))
@@ -450,12 +464,10 @@ def _absorb_small_atoms(atoms, A, eh, ev, min_px: int):
         remap = np.arange(A)
         s_, d_ = s_[first], d_[first]
         # two small atoms pointing at each other: the larger one stays
-        mutual = (remap[d_] == d_) & small[d_]
         remap[s_] = d_
         back = remap[d_] == s_
         keep_big = back & (n[s_] >= n[d_])
         remap[s_[keep_big]] = s_[keep_big]
-        del mutual
         for _ in range(6):
             remap = remap[remap]
         m = atoms >= 0
@@ -509,29 +521,12 @@ def _atom_stats(atoms, A, pc, w, valid, lab, K, sigma_w):
     ang = np.where(ok, np.minimum(ang, np.pi), np.pi)
     P = pc[m]
     cen = np.stack([s(P[:, k]) for k in range(3)], 1) / nn[:, None]
-    # residual of a quadric fit w ~ 1, u, v, u^2, uv, v^2 (coordinates centred and scaled per
-    # atom): a smooth curved patch fits it to the noise, a patch folded over a crease does not
-    sc = np.sqrt(np.maximum((Suu + Svv) / nn, 1e-12))[a]
-    x, y = du / sc, dv / sc
-    basis = [np.ones_like(x), x, y, x * x, x * y, y * y]
-    G = np.empty((A, 6, 6))
-    for i in range(6):
-        for j in range(i, 6):
-            G[:, i, j] = G[:, j, i] = s(basis[i] * basis[j])
-    rhs = np.stack([s(b * dw) for b in basis], 1)
-    G += np.eye(6)[None] * 1e-9 * np.maximum(n, 1)[:, None, None]
-    okq = n >= 12
-    coefq = np.zeros((A, 6))
-    if okq.any():
-        coefq[okq] = np.linalg.solve(G[okq], rhs[okq][..., None])[..., 0]
-    rss_q = np.maximum(Sww - (coefq * rhs).sum(1), 0.0)
-    rms_q = np.where(okq, np.sqrt(rss_q / np.maximum(n, 1)), np.sqrt(rss / np.maximum(n, 1)))
     # raw second moments (about the atom centroid) for segment extents
     Q = P - cen[a]
     mom = np.stack([s(Q[:, i] * Q[:, j]) for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))], 1)
     col = np.stack([s(lab[m][:, k].astype(np.float64)) for k in range(3)], 1) / nn[:, None]
     return dict(n=n, cen=cen, mom=mom, normal=normal, ang_se=ang, ok=ok, col=col,
-                rms=np.sqrt(rss / np.maximum(n, 1)), rms_quad=rms_q)
+                rms=np.sqrt(rss / np.maximum(n, 1)))
 
 
 def segment_extents(seg: np.ndarray, n: np.ndarray, cen: np.ndarray, mom: np.ndarray) -> np.ndarray:
@@ -558,17 +553,17 @@ def _adjacency(atoms, eh, ev, A, pc=None, reach: int = 4, normals=None):
     (``loc_a`` for ``ea``, ``loc_b`` for ``eb``; the border pixel itself where the atom is
     thinner than that): the local geometry on both sides of the junction."""
     H, W = atoms.shape
-    rr, cc = np.nonzero(eh)
-    r2, c2 = np.nonzero(ev)
-    # pixel pairs (p, q), q = p + (0, 1) or (1, 0), and the step direction
+    # pixel pairs (p, q) that join two different atoms, q = p + (0, 1) or (1, 0)
+    bh = eh & (atoms[:, :-1] != atoms[:, 1:]) & (atoms[:, :-1] >= 0) & (atoms[:, 1:] >= 0)
+    bv = ev & (atoms[:-1] != atoms[1:]) & (atoms[:-1] >= 0) & (atoms[1:] >= 0)
+    rr, cc = np.nonzero(bh)
+    r2, c2 = np.nonzero(bv)
     pr = np.concatenate([rr, r2])
     pcol = np.concatenate([cc, c2])
     dr = np.concatenate([np.zeros(rr.size, np.int64), np.ones(r2.size, np.int64)])
     dc = 1 - dr
     qr, qc = pr + dr, pcol + dc
     a1, a2 = atoms[pr, pcol], atoms[qr, qc]
-    k = (a1 != a2) & (a1 >= 0) & (a2 >= 0)
-    pr, pcol, qr, qc, dr, dc, a1, a2 = pr[k], pcol[k], qr[k], qc[k], dr[k], dc[k], a1[k], a2[k]
     lo = np.minimum(a1, a2)
     hi = np.maximum(a1, a2)
     key, inv, cnt = np.unique(lo * A + hi, return_inverse=True, return_counts=True)
@@ -626,35 +621,44 @@ def lccp_merge(ea, eb, normal, ang_se, nok, geo, concave_deg: float = 20.0,
 class GeometricSegmenter(Segmenter):
     """Support planes + discontinuities + local convexity on RGB-D pointmaps (module docstring).
 
-    Physical parameters (metres) assume a metric pointmap (the ``rgbd`` backend); without a
-    pointmap the classical colour segmenter (``classical_kwargs``) is used."""
+    Parameters (defaults measured on real Xtion / Kinect data, see the module docstring for what
+    each one does): noise multiples ``jump_k``, ``concave_sigma``, ``planar_k``; angles
+    ``concave_deg``, ``plane_normal_deg``; metres ``plane_band_m``, ``structure_extent_m``,
+    ``min_object_extent_m``; pixels at 640 px width ``smooth_px``, ``atom_px``, ``min_atom_px``,
+    ``min_segment_px``, ``min_border_px``; ``color_same`` (Lab); ``crease_weight`` (watershed
+    elevation per degree of crease); ``max_planes``; ``voxel`` / ``min_overlap`` for the
+    association across views; ``cache_size`` analysed views kept (refinement reuses them).
+    Without a pointmap (or with under ``min_valid_frac`` valid depth) the classical colour
+    segmenter (``classical_kwargs``) answers."""
 
     name = "geometric"
 
-    def __init__(self, jump_k: float = 4.0, smooth_px: int = 4, atom_px: int = 12,
+    def __init__(self, jump_k: float = 4.0, concave_deg: float = 20.0, concave_sigma: float = 3.0,
+                 planar_k: float = 10.0, color_same: float = 12.0,
                  plane_band_m: float = 0.01, plane_normal_deg: float = 20.0,
-                 structure_extent_m: float = 0.3, max_planes: int = 4, concave_deg: float = 20.0,
-                 concave_sigma: float = 3.0, min_segment_px: int = 150,
+                 structure_extent_m: float = 0.3, max_planes: int = 4,
+                 min_object_extent_m: float = 0.04,
+                 smooth_px: int = 4, atom_px: int = 12, min_atom_px: int = 25,
+                 min_segment_px: int = 150, min_border_px: int = 3, crease_weight: float = 2.0,
                  min_valid_frac: float = 0.05, voxel: Optional[float] = None,
-                 min_overlap: float = 0.25, cache_size: int = 8, crease_weight: float = 2.0, min_atom_px: int = 25,
-                 min_object_extent_m: float = 0.04, min_border_px: int = 3, planar_k: float = 10.0, color_same: float = 12.0,
+                 min_overlap: float = 0.25, cache_size: int = 8,
                  classical_kwargs: Optional[dict] = None):
-        self.crease_weight = float(crease_weight)
-        self.min_atom_px = int(min_atom_px)
-        self.min_object_extent_m = float(min_object_extent_m)
-        self.min_border_px = int(min_border_px)
+        self.jump_k = float(jump_k)
+        self.concave_deg = float(concave_deg)
+        self.concave_sigma = float(concave_sigma)
         self.planar_k = float(planar_k)
         self.color_same = float(color_same)
-        self.jump_k = float(jump_k)
-        self.smooth_px = int(smooth_px)
-        self.atom_px = int(atom_px)
         self.plane_band_m = float(plane_band_m)
         self.plane_normal_deg = float(plane_normal_deg)
         self.structure_extent_m = float(structure_extent_m)
         self.max_planes = int(max_planes)
-        self.concave_deg = float(concave_deg)
-        self.concave_sigma = float(concave_sigma)
+        self.min_object_extent_m = float(min_object_extent_m)
+        self.smooth_px = int(smooth_px)
+        self.atom_px = int(atom_px)
+        self.min_atom_px = int(min_atom_px)
         self.min_segment_px = int(min_segment_px)
+        self.min_border_px = int(min_border_px)
+        self.crease_weight = float(crease_weight)
         self.min_valid_frac = float(min_valid_frac)
         self.voxel = voxel
         self.min_overlap = float(min_overlap)
@@ -890,6 +894,12 @@ class GeometricSegmenter(Segmenter):
         return cache
 
     def refine(self, rgb, pos_uv, neg_uv, prior_mask=None, pts=None, valid=None) -> np.ndarray:
+        """The prior mask plus the segments under positive clicks, minus those under negative
+        ones; a segment holding clicks of both kinds is split between them (each atom goes to
+        the click with the cheapest path over the atom graph: concavity + colour, non-merged
+        junctions expensive).  A negative click on a structure plane (or on what lies behind
+        the support) removes that background from the prior.  Clicks on pixels without depth
+        change nothing."""
         info = self.analyse(rgb, pts, valid)
         if info is None:
             return self.classical.refine(rgb, pos_uv, neg_uv, prior_mask=prior_mask, pts=pts, valid=valid)
@@ -904,7 +914,6 @@ class GeometricSegmenter(Segmenter):
         if A == 0:
             return mask
         pa, na = self._click_atoms(info, pos), self._click_atoms(info, neg)
-        seg = info["seg_of_atom"]
         sel = np.zeros(A, bool)
         rem = np.zeros(A, bool)
         for a in pa[pa >= 0]:
@@ -937,7 +946,6 @@ class GeometricSegmenter(Segmenter):
                 mask &= ~info["structure"]
             elif info["behind"][r, c]:
                 mask &= ~info["behind"]
-        del seg
         return mask
 
     @staticmethod
