@@ -9,9 +9,9 @@ pixel of the object in keyframe 0 (``InteractiveSession.add_pixel_prompt``: mask
 view Group Mapping); the 3D segment is projected with a depth test into ALL frames of the video
 and compared with the GT label masks (IoU per frame, mean over frames = the object's IoU; mIoU
 over objects).  Then one automatic corrective click (negative at the most interior pixel of the
-largest false-positive region of the keyframes' projected masks, or positive at that of the
-largest missed one; outline disagreements within 5 px and strips are not clicked) and the IoU
-again.
+largest false-positive region of the segment as drawn on the keyframes through the scene's own
+cameras -- what a user sees --, or positive at that of the largest missed one; outline
+disagreements within 5 px and strips are not clicked) and the IoU again.
 
 On the same aligned scene: ``classical`` (the previous weight-free segmenter, its own mask cache)
 as the baseline, and the oracle: the GT masks of the keyframes used as the mask cache.  The
@@ -21,8 +21,9 @@ frame rotation error of what the pipeline publishes is reported separately.  A s
 ``gt_geometry`` (the keyframes' own depth back-projected with the GT intrinsics and poses, no
 registration / DGA), isolates the segmenters from the reconstruction.
 
-Per-stage timings: pipeline stages, per-view geometric segmentation (cache cleared; the goal is
-<= 1 s at 640x480 on 2 CPU cores), mapper build, click latencies.  Prints per-object tables and,
+Per-stage timings: pipeline stages, per-view geometric segmentation (cache cleared; wall and CPU
+time -- on a shared machine the CPU time is the figure to compare with the goal of <= 1 s at
+640x480 on 2 cores), mask cache and mapper builds, click latencies.  Prints per-object tables and,
 as its LAST line, one JSON object.  Run: ``.venv/bin/python benchmarks/bench_real_tabletop.py``
 (a few minutes per video on 2 cores, most of it DGA; ``--iterations`` lowers that).
 """
@@ -55,7 +56,11 @@ def one_click(video, scene, kf, segmenter, mapper, oid):
     t_click = time.perf_counter() - t
     pred = ycbv.project_to_frames(res.points, video.K, video.poses, video.depth)
     iou1 = np.array([ycbv.mask_iou(pred[f], gt[f]) for f in range(video.num_frames)])
-    cc = ycbv.corrective_click(pred[kf], gt[kf], scene.valid_mask())
+    # the corrective click looks at what the user sees: the segment drawn on the keyframes
+    # through the scene's own cameras (a misplaced camera would show as a shift in the GT frames
+    # only, which no user clicks on)
+    from wildseg3d_ros.core.evaluation import project_segment
+    cc = ycbv.corrective_click(project_segment(res.points, scene), gt[kf], scene.valid_mask())
     iou2, t_corr = iou1, 0.0
     if cc is not None and segmenter is not None:
         t = time.perf_counter()
@@ -111,13 +116,14 @@ def per_view_seconds(video, kf):
     from wildseg3d_ros.core.segment.geometric import GeometricSegmenter
 
     seg = GeometricSegmenter(cache_size=0)
-    ts = []
+    wall, cpu = [], []
     for f in kf:
         pts = backproject_depth(video.depth[f], video.K[f])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         seg.automatic_masks(video.rgb[f], pts, video.depth[f] > 0)
-        ts.append(time.perf_counter() - t)
-    return ts
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return wall, cpu
 
 
 def main():
@@ -153,8 +159,11 @@ def main():
         vrep = {"frames": video.num_frames, "keyframe_frames": [video.frames[f] for f in kf]}
         print(f"\n=== video {video.name}: {video.num_frames} frames, keyframes {kf}, "
               f"objects {sorted(video.objects.values())}")
-        vrep["per_view_geometric_s"] = [round(x, 3) for x in per_view_seconds(video, kf)]
-        print(f"per-view geometric segmentation (s): {vrep['per_view_geometric_s']}")
+        wall, cpu = per_view_seconds(video, kf)
+        vrep["per_view_geometric_s"] = [round(x, 3) for x in wall]
+        vrep["per_view_geometric_cpu_s"] = [round(x, 3) for x in cpu]
+        print(f"per-view geometric segmentation: wall {vrep['per_view_geometric_s']} s, CPU time "
+              f"{vrep['per_view_geometric_cpu_s']} s (wall > CPU: other jobs share the cores)")
         segs = {"geometric": make_segmenter("geometric"), "classical": make_segmenter("classical")}
         geometries = {"gt_geometry": ycbv.gt_geometry_scene(video, kf)}
         prebuilt = {}
@@ -217,9 +226,10 @@ def main():
             summary[f"{gname}_{m}_min_iou"] = round(float(np.min([r[4] for r in sel])), 4)
             summary[f"{gname}_{m}_miou_corrected"] = round(float(np.mean([r[5] for r in sel])), 4)
             summary[f"{gname}_{m}_per_object"] = {f"{r[0]}/{r[3]}": round(r[4], 4) for r in sel}
-    pv = [x for v in report["videos"].values() for x in v["per_view_geometric_s"]]
-    summary["per_view_geometric_s_mean"] = round(float(np.mean(pv)), 3)
-    summary["per_view_geometric_s_max"] = round(float(np.max(pv)), 3)
+    for key in ("per_view_geometric_s", "per_view_geometric_cpu_s"):
+        pv = [x for v in report["videos"].values() for x in v[key]]
+        summary[f"{key}_median"] = round(float(np.median(pv)), 3)
+        summary[f"{key}_max"] = round(float(np.max(pv)), 3)
     rots = [v["world_frame_rot_err_deg"]["max"] for v in report["videos"].values() if "world_frame_rot_err_deg" in v]
     if rots:
         summary["world_frame_rot_err_deg_max"] = round(float(max(rots)), 3)
