@@ -76,7 +76,7 @@ def test_merged_profile_is_consistent(profile):
         ck = Path(rec["sam2.checkpoint"]).name
         assert KNOWN_CHECKPOINTS[ck]["config"] == rec["sam2.config"]
     if profile == "rgbd_cpu":
-        assert rec["backend"] == "rgbd" and rec["segmenter"] == "classical" and rec["device"] == "cpu"
+        assert rec["backend"] == "rgbd" and rec["segmenter"] == "geometric" and rec["device"] == "cpu"
     if profile == "jetson":
         gpu = _merged("dust3r_sam2_gpu")["reconstruction_node"]
         assert rec["keyframes.max_keyframes"] < gpu["keyframes.max_keyframes"]

@@ -246,7 +246,7 @@ def run_segment(args) -> dict:
     flat["use_pose_priors"] = have_poses and not args.ignore_poses
     cfg = PipelineConfig.from_flat(flat)
     t = time.perf_counter()
-    _log(f"building backend '{args.backend}' and segmenter '{args.segmenter}' on {args.device}", args.quiet)
+    _log(f"building backend '{cfg.backend}' and segmenter '{cfg.segmenter}' on {cfg.device}", args.quiet)
     pipe = ReconstructionPipeline(cfg)
     timings["model_load_s"] = time.perf_counter() - t
 
@@ -472,8 +472,10 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, choices=(224, 512), default=512, help="dust3r: network input size")
     m.add_argument("--batch-size", type=int, default=4, help="dust3r: pairs per forward pass")
     m.add_argument("--scene-graph", default="complete", help="pair graph: complete | swin-<k> | oneref-<k>")
-    m.add_argument("--segmenter", choices=("classical", "sam2"), default="classical",
-                   help="mask-cache segmenter: classical (CPU, no weights) or sam2 (default classical)")
+    m.add_argument("--segmenter", choices=("auto", "geometric", "classical", "sam2"), default="auto",
+                   help="mask-cache segmenter: geometric (CPU, no weights; RGB-D clutter: support planes, "
+                        "depth discontinuities, convexity), classical (CPU, no weights; colour + geometry) or "
+                        "sam2; auto (default): geometric with metric depth (rgbd), classical otherwise")
     m.add_argument("--sam2-checkpoint", help="sam2: checkpoint .pt (e.g. sam2.1_hiera_tiny.pt)")
     m.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml",
                    help="sam2: config name inside the sam2 package matching the checkpoint")

@@ -47,7 +47,8 @@ class PipelineConfig:
     """Everything a reconstruction depends on (the flat names are in brackets).
 
     backend [backend] / backend_kwargs [<backend>.*]: pointmap backend and its options;
-    segmenter [segmenter] / segmenter_kwargs [<segmenter>.*]: pre-segmentation;
+    segmenter [segmenter] / segmenter_kwargs [<segmenter>.*]: pre-segmentation ('auto' resolves
+    to geometric for metric backends, classical otherwise);
     scene_graph [scene_graph]; device [device] (torch device of the aligner and the models);
     alpha_p, alpha_n, iterations, weighting, match_threshold [dga.*]: Dynamic Global Aligning;
     use_pose_priors [use_pose_priors]: known camera poses (odometry / TF / a pose file) help the
@@ -79,6 +80,7 @@ class PipelineConfig:
 
         kw = {f: values[n] for n, f in _PIPELINE_FLAT.items() if n in values}
         cfg = cls(**kw)
+        cfg.segmenter = resolve_segmenter(cfg.segmenter, BACKENDS.entry(cfg.backend).metric)
         cfg.backend_kwargs = BACKENDS.kwargs_from_flat(cfg.backend, values, cfg.device)
         cfg.segmenter_kwargs = SEGMENTERS.kwargs_from_flat(cfg.segmenter, values, cfg.device)
         return cfg
@@ -87,6 +89,14 @@ class PipelineConfig:
         """What the loaded models depend on: equal keys can reuse a built pipeline."""
         return (self.backend, tuple(sorted(self.backend_kwargs.items())), self.segmenter,
                 tuple(sorted(self.segmenter_kwargs.items())), self.device)
+
+
+def resolve_segmenter(name: str, metric: bool) -> str:
+    """``auto`` -> ``geometric`` for metric pointmaps (depth cameras: support planes, depth
+    discontinuities and convexity in metres), ``classical`` otherwise; other names unchanged."""
+    if str(name).strip().lower() == "auto":
+        return "geometric" if metric else "classical"
+    return name
 
 
 def keyframe_policy_from_flat(values: Mapping[str, Any]) -> KeyframePolicy:

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .config import PipelineConfig
+from .config import PipelineConfig, resolve_segmenter
 from .errors import AlignmentError, PipelineError, check_cancel
 from .align.world_frame import express_in_world
 from .types import Keyframe
@@ -27,6 +27,8 @@ class ReconstructionPipeline:
         from .pointmaps import BACKENDS
         from .presegment.base import SEGMENTERS
 
+        if cfg.segmenter == "auto":
+            cfg = replace(cfg, segmenter=resolve_segmenter("auto", BACKENDS.entry(cfg.backend).metric))
         self.cfg = cfg
         self.backend = BACKENDS.create(cfg.backend, **_with_device(BACKENDS, cfg.backend, cfg.backend_kwargs, cfg.device))
         self.segmenter = SEGMENTERS.create(cfg.segmenter, **_with_device(SEGMENTERS, cfg.segmenter,

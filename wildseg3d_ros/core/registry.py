@@ -20,6 +20,7 @@ class Entry:
     cls: str
     params: Mapping[str, str] = field(default_factory=dict)  # flat name -> constructor keyword
     uses_device: bool = False
+    metric: bool = False   # backends: pointmaps in metres (depth cameras)
     import_hint: str = ""  # appended to the error when the module cannot be imported
 
 

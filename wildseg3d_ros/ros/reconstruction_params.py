@@ -49,7 +49,10 @@ PARAMS = [
     ParamSpec("dust3r.batch_size", 4, "Pairs per inference batch.", 1, 64),
     ParamSpec("scene_graph", "complete", "Pair graph: complete | swin-<k> | logwin-<k> | oneref-<k>.",
               check=check_scene_graph),
-    ParamSpec("segmenter", "classical", "Mask-cache segmenter.", choices=("classical", "sam2")),
+    ParamSpec("segmenter", "auto", "Mask-cache segmenter: geometric (no weights, RGB-D clutter: support "
+              "planes, depth discontinuities, local convexity), classical (no weights, colour + geometry), "
+              "sam2, or auto: geometric for metric (depth) backends, classical otherwise.",
+              choices=("auto", "geometric", "classical", "sam2")),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),

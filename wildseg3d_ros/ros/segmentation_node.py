@@ -65,8 +65,9 @@ from .scene_input import SceneMessageError, check_scene_fields, decode_scene, sc
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
-    ParamSpec("segmenter", "classical", "Segmenter used to refine with extra clicks.",
-              choices=("classical", "sam2")),
+    ParamSpec("segmenter", "auto", "Segmenter used to refine with extra clicks (use the reconstruction "
+              "node's): geometric, classical, sam2, or auto: geometric for metric scenes, classical otherwise.",
+              choices=("auto", "geometric", "classical", "sam2")),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("device", "cpu", "torch device for SAM2 refinement (cpu, cuda, cuda:N, mps).", check=check_device),
@@ -192,16 +193,16 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         else:
             self._handle_prompt(*item)
 
-    def _get_segmenter(self):
+    def _get_segmenter(self, metric: bool = True):
+        from ..core.config import resolve_segmenter
+        from ..core.presegment.base import SEGMENTERS
+        name = resolve_segmenter(self.params["segmenter"], metric)
+        if self._segmenter is not None and getattr(self._segmenter, "name", name) != name:
+            self._segmenter = None  # auto: the scene's kind changed
         if self._segmenter is None and not self._segmenter_error:
-            from ..core.presegment.base import make_segmenter
             try:
-                name = self.params["segmenter"]
-                kw = {}
-                if name == "sam2":
-                    kw = dict(config=self.params["sam2.config"], checkpoint=self.params["sam2.checkpoint"],
-                              device=self.params["device"])
-                self._segmenter = make_segmenter(name, **kw)
+                self._segmenter = SEGMENTERS.create(name, **SEGMENTERS.kwargs_from_flat(name, self.params.values,
+                                                                                         self.params["device"]))
             except Exception as e:
                 self._segmenter_error = f"refinement segmenter unavailable ({e}); clicks are answered from the mask cache only"
                 self.get_logger().error(self._segmenter_error)
@@ -212,7 +213,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         from ..core.prompts.session import InteractiveSession
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
                              min_agree_frac=self.params["mgm.min_consistency"])
-        return InteractiveSession(scene, mapper, self._get_segmenter(),
+        return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
                                   max_click_dist=self.params["prompt.max_distance_m"])
 
     def _load_scene(self, t_recv: float, msg: PointCloud2):
@@ -310,7 +311,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             seg_status = "not loaded yet (loaded with the first scene)"
         scene = self.scene
         kv = {"segmenter": p["segmenter"], "segmenter_status": seg_status, "device": p["device"],
-              "model": p["sam2.checkpoint"] if p["segmenter"] == "sam2" else "none (classical)",
+              "model": p["sam2.checkpoint"] if p["segmenter"] == "sam2" else f"none ({p['segmenter']}: weight-free)",
               "queue": f"{self._q.qsize()}/{self._q.maxsize}", "prompts_waiting_for_scene": str(len(self._held)),
               "scene": (f"{scene.num_views} keyframes, frame '{scene.frame_id}'" if scene is not None else "none"),
               "scene_id": self.scene_id or "none",

@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "BackendError", "PointmapBackend", "make_pairs", "make_ba
 
 _D3 = {"dust3r.checkpoint": "model", "dust3r.image_size": "image_size", "dust3r.batch_size": "batch_size"}
 BACKENDS = Registry("reconstruction backend", BackendError, {
-    "rgbd": Entry("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend"),
+    "rgbd": Entry("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend", metric=True),
     "dust3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
     "mast3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
 })

@@ -19,7 +19,13 @@ Backends are created by name with :func:`make_segmenter`:
 
 * ``"classical"`` -> :class:`~wildseg3d_ros.core.presegment.classical.ClassicalSegmenter`
   (no weights; superpixels merged by colour and 3D geometry);
+* ``"geometric"`` -> :class:`~wildseg3d_ros.core.presegment.geometric.GeometricSegmenter`
+  (no weights; RGB-D clutter: support planes, depth discontinuities, local convexity; the
+  classical segmenter where a view has no pointmap);
 * ``"sam2"`` -> ``wildseg3d_ros.core.presegment.sam2.Sam2Segmenter`` (imported lazily).
+
+The flat name ``auto`` (the nodes' and CLI's default) means geometric for metric pointmaps
+(depth cameras) and classical otherwise (:func:`wildseg3d_ros.core.config.resolve_segmenter`).
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ class Segmenter(abc.ABC):
 
 SEGMENTERS = Registry("segmenter", SegmenterError, {
     "classical": Entry("wildseg3d_ros.core.presegment.classical", "ClassicalSegmenter"),
+    "geometric": Entry("wildseg3d_ros.core.presegment.geometric", "GeometricSegmenter"),
     "sam2": Entry("wildseg3d_ros.core.presegment.sam2", "Sam2Segmenter",
                   {"sam2.config": "config", "sam2.checkpoint": "checkpoint",
                    "sam2.points_per_side": "points_per_side"}, uses_device=True,
@@ -89,5 +96,5 @@ def available_backends():
 
 
 def make_segmenter(name: str, **kwargs) -> Segmenter:
-    """Create a segmenter by name (``'classical'`` or ``'sam2'``); kwargs go to its constructor."""
+    """Create a segmenter by name (``'classical'``, ``'geometric'`` or ``'sam2'``); kwargs go to its constructor."""
     return SEGMENTERS.create(name, **kwargs)
