@@ -158,6 +158,7 @@ def _with_K(fr: Frame, args) -> Frame:
     if fr.K is None:
         h, w = fr.rgb.shape[:2]
         fr.K = guess_K(w, h, args.hfov)
+        fr.K_known = False
         if not getattr(args, "_warned_K", False):
             _log(f"no intrinsics given: assuming a {args.hfov:.0f} deg horizontal field of view "
                  f"(pass --intrinsics fx,fy,cx,cy{'' if args.backend == 'dust3r' else ' - metric depth needs them'})",
@@ -241,7 +242,7 @@ def run_segment(args) -> dict:
 
     have_poses = all(f.pose is not None for f in frames)
     kfs = [Keyframe(index=i, stamp=f.stamp, rgb=f.rgb, K=f.K, depth=f.depth, pose_prior=f.pose,
-                    frame_id=f.frame_id) for i, f in enumerate(frames)]
+                    frame_id=f.frame_id, K_known=f.K_known) for i, f in enumerate(frames)]
     flat = flat_params(args)
     flat["use_pose_priors"] = have_poses and not args.ignore_poses
     cfg = PipelineConfig.from_flat(flat)

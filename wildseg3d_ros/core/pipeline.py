@@ -81,7 +81,10 @@ class ReconstructionPipeline:
         if cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in inner):
             priors = np.stack([kf.pose_prior for kf in inner])
         try:
+            # known intrinsics stay fixed: metric pointmaps were made with them, and a network's
+            # pointmaps are best read with the camera's real focal and principal point
             scene = align_global(preds, num_views=len(kfs), soft_masks=soft, known_poses=priors,
+                                 known_focals=preds.intrinsics,
                                  pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,

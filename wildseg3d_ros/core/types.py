@@ -25,6 +25,8 @@ class Keyframe:
 
     ``pose_prior`` is the camera-to-world pose from odometry/TF when known (else None).
     ``depth`` is metric depth (RGB-D cameras) or None (monocular, DUSt3R backend).
+    ``K_known`` is False when ``K`` is a guess (no CameraInfo / --intrinsics): the aligner then
+    estimates the focal instead of keeping it.
     """
 
     index: int
@@ -34,6 +36,7 @@ class Keyframe:
     depth: Optional[np.ndarray] = None
     pose_prior: Optional[np.ndarray] = None
     frame_id: str = "camera"
+    K_known: bool = True
 
     @property
     def shape(self):

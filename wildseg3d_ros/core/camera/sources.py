@@ -53,6 +53,7 @@ class Frame:
     depth: Optional[np.ndarray] = None
     pose: Optional[np.ndarray] = None
     frame_id: str = "camera"
+    K_known: bool = True   # False when K was guessed (no intrinsics given)
 
 
 

@@ -378,5 +378,6 @@ class Dust3rBackend(PointmapBackend):
         device = self._resolve_device()
         model = self.load()
         out = self._run(image_pairs, model, device, cancel, progress)
-        Ks = None if any(K is None for K in self.last_K) else np.stack(self.last_K)
+        known = all(K is not None for K in self.last_K) and all(kf.K_known for kf in kfs)
+        Ks = np.stack(self.last_K) if known else None
         return PairwisePredictions.from_dust3r(out, images=np.stack(self.last_rgb), intrinsics=Ks, metric=False)
