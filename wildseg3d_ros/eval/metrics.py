@@ -20,31 +20,42 @@ def match_frames(keyframe_rgb: np.ndarray, frames_rgb: np.ndarray) -> np.ndarray
     return np.argmin(d, axis=1)
 
 
-def project_segment(points: np.ndarray, scene: AlignedScene, rel_tol: float = 0.03,
-                    abs_tol: float = 0.01, close_px: int = 3) -> np.ndarray:
-    """(V, H, W) bool masks of the 3D segment in every keyframe: a pixel is on when a segment
-    point projects into it and lies at that keyframe's own surface depth (not occluded)."""
-    V, H, W = scene.pts3d.shape[:3]
-    out = np.zeros((V, H, W), bool)
-    if len(points) == 0:
+def project_to_views(points: np.ndarray, K: np.ndarray, poses: np.ndarray, depth: np.ndarray,
+                     rel_tol: float = 0.03, abs_tol: float = 0.01, close_px: int = 3) -> np.ndarray:
+    """(N, H, W) bool: a 3D segment seen by N cameras (K (N,3,3), camera-to-world poses (N,4,4),
+    depth (N,H,W) metres, 0 / NaN = unknown). A pixel is on when a segment point projects into
+    it and lies at that view's depth (within ``abs_tol + rel_tol * z``; a pixel without depth
+    cannot occlude), then a ``close_px`` morphological closing fills the gaps between points."""
+    N, H, W = depth.shape
+    out = np.zeros((N, H, W), bool)
+    pts = np.asarray(points, np.float64).reshape(-1, 3)
+    if pts.shape[0] == 0:
         return out
-    pts = np.asarray(points, dtype=np.float64)
     kernel = np.ones((close_px, close_px), np.uint8) if close_px > 1 else None
-    for v in range(V):
-        uv, z = project_points(pts, scene.K[v], scene.poses[v])
+    for f in range(N):
+        uv, z = project_points(pts, K[f], poses[f])
         u = np.round(uv[:, 0]).astype(np.int64)
         r = np.round(uv[:, 1]).astype(np.int64)
         ok = (z > 1e-6) & (u >= 0) & (u < W) & (r >= 0) & (r < H)
         u, r, z = u[ok], r[ok], z[ok]
-        cam = transform_points(invert_pose(scene.poses[v]), scene.pts3d[v].astype(np.float64))
-        zs = cam[..., 2][r, u]
-        vis = ~np.isfinite(zs) | (np.abs(z - zs) <= abs_tol + rel_tol * z)
+        d = np.nan_to_num(depth[f][r, u], nan=0.0, posinf=0.0, neginf=0.0)
+        vis = (d <= 0) | (np.abs(z - d) <= abs_tol + rel_tol * z)
         m = np.zeros((H, W), np.uint8)
         m[r[vis], u[vis]] = 1
         if kernel is not None:
             m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
-        out[v] = m.astype(bool)
+        out[f] = m.astype(bool)
     return out
+
+
+def project_segment(points: np.ndarray, scene: AlignedScene, rel_tol: float = 0.03,
+                    abs_tol: float = 0.01, close_px: int = 3) -> np.ndarray:
+    """(V, H, W) bool masks of the 3D segment in every keyframe: a pixel is on when a segment
+    point projects into it and lies at that keyframe's own surface depth (not occluded)."""
+    V = scene.pts3d.shape[0]
+    depth = np.stack([transform_points(invert_pose(scene.poses[v]), scene.pts3d[v].astype(np.float64))[..., 2]
+                      for v in range(V)])
+    return project_to_views(points, np.asarray(scene.K), np.asarray(scene.poses), depth, rel_tol, abs_tol, close_px)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -139,32 +139,11 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def project_to_frames(points: np.ndarray, K: np.ndarray, poses: np.ndarray, depth: np.ndarray,
                       rel_tol: float = 0.03, abs_tol: float = 0.01, close_px: int = 3) -> np.ndarray:
-    """(N, H, W) bool: the 3D segment seen by each frame.  A pixel is on when a segment point
-    projects into it and lies at that frame's measured depth (``abs_tol + rel_tol * z``; a pixel
-    without depth cannot occlude), then a ``close_px`` morphological closing fills the gaps
-    between projected points (the same rule as ``core.evaluation.project_segment``)."""
-    N, H, W = depth.shape
-    out = np.zeros((N, H, W), bool)
-    pts = np.asarray(points, np.float64).reshape(-1, 3)
-    if pts.shape[0] == 0:
-        return out
-    kernel = np.ones((close_px, close_px), np.uint8) if close_px > 1 else None
-    for f in range(N):
-        pc = transform_points(invert_pose(poses[f]), pts)
-        z = pc[:, 2]
-        zs = np.where(z > 1e-6, z, 1.0)
-        u = np.round(K[f, 0, 0] * pc[:, 0] / zs + K[f, 0, 2]).astype(np.int64)
-        r = np.round(K[f, 1, 1] * pc[:, 1] / zs + K[f, 1, 2]).astype(np.int64)
-        ok = (z > 1e-6) & (u >= 0) & (u < W) & (r >= 0) & (r < H)
-        u, r, z = u[ok], r[ok], z[ok]
-        d = depth[f][r, u]
-        vis = (d <= 0) | (np.abs(z - d) <= abs_tol + rel_tol * z)
-        m = np.zeros((H, W), np.uint8)
-        m[r[vis], u[vis]] = 1
-        if kernel is not None:
-            m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
-        out[f] = m.astype(bool)
-    return out
+    """(N, H, W) bool: the 3D segment seen by each frame, tested against the frame's measured
+    depth (:func:`wildseg3d_ros.eval.metrics.project_to_views`)."""
+    from .metrics import project_to_views
+
+    return project_to_views(points, K, poses, depth, rel_tol, abs_tol, close_px)
 
 
 def gt_geometry_scene(video: TabletopVideo, frames: Sequence[int]):

@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import CancelFn, ProgressFn, SegmenterError
+from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report
 from ..registry import Entry, Registry
 from ..types import MaskCache
 
@@ -63,12 +63,39 @@ class Segmenter(abc.ABC):
                         valid: Optional[np.ndarray] = None) -> np.ndarray:
         """One view -> (H, W) int32 local segment ids, 0 = none, non-overlapping."""
 
-    @abc.abstractmethod
+    #: 3D association of per-view masks (see mask_cache.associate_masks_3d): voxel size (None:
+    #: automatic) and the overlap two masks need to be the same object
+    voxel: Optional[float] = None
+    min_overlap: float = 0.25
+
     def build_mask_cache(self, rgb: np.ndarray, pts3d: np.ndarray, valid: np.ndarray,
                          progress: Optional[ProgressFn] = None,
                          cancel: Optional[CancelFn] = None) -> MaskCache:
         """rgb (V,H,W,3), pts3d (V,H,W,3) world, valid (V,H,W) -> MaskCache with global ids
-        consistent across views + soft masks S."""
+        consistent across views + soft masks S. Default: :meth:`automatic_masks` per view,
+        associated across views by 3D overlap (segmenters that track, like SAM2, override it)."""
+        from ..mask_cache import associate_masks_3d, make_mask_cache
+
+        rgb = np.asarray(rgb)
+        pts3d = np.asarray(pts3d)
+        valid = np.asarray(valid, bool)
+        if rgb.ndim != 4 or pts3d.shape[:3] != rgb.shape[:3] or valid.shape != rgb.shape[:3]:
+            raise SegmenterError(f"shape mismatch: rgb {rgb.shape}, pts3d {pts3d.shape}, "
+                                 f"valid {valid.shape} (expected V,H,W,3 / V,H,W,3 / V,H,W)")
+        V = rgb.shape[0]
+        local = np.zeros(rgb.shape[:3], np.int32)
+        for v in range(V):
+            check_cancel(cancel, "segmentation")
+            report(progress, v / (V + 1), f"{self.name} masks view {v + 1}/{V}")
+            local[v] = self.automatic_masks(rgb[v], pts3d[v], valid[v])
+        check_cancel(cancel, "segmentation")
+        report(progress, V / (V + 1), "associating masks across views")
+        glob = associate_masks_3d(local, pts3d, valid, voxel=self.voxel, min_overlap=self.min_overlap)
+        cache = make_mask_cache(glob, pts3d, valid)
+        for t in cache.objects.values():
+            t["score"] = 1.0
+        report(progress, 1.0, f"{len(cache.objects)} objects")
+        return cache
 
     @abc.abstractmethod
     def refine(self, rgb: np.ndarray, pos_uv: np.ndarray, neg_uv: np.ndarray,

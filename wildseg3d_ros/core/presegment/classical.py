@@ -34,10 +34,9 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ..types import MaskCache
-from ..errors import SegmenterError, check_cancel, report
+from ..errors import SegmenterError
 from .base import Segmenter, as_uv
-from ..mask_cache import associate_masks_3d, make_mask_cache, relabel_consecutive
+from ..mask_cache import relabel_consecutive
 
 __all__ = ["ClassicalSegmenter", "pointmap_normals", "geometric_edges", "detect_planes", "merge_average_linkage"]
 
@@ -556,29 +555,6 @@ class ClassicalSegmenter(Segmenter):
     # ------------------------------------------------------------------ Segmenter API
     def automatic_masks(self, rgb, pts=None, valid=None) -> np.ndarray:
         return self._analyse(rgb, pts, valid)["labels"].copy()
-
-    def build_mask_cache(self, rgb, pts3d, valid, progress=None, cancel=None) -> MaskCache:
-        rgb = np.asarray(rgb)
-        pts3d = np.asarray(pts3d)
-        valid = np.asarray(valid, bool)
-        if rgb.ndim != 4 or pts3d.shape[:3] != rgb.shape[:3] or valid.shape != rgb.shape[:3]:
-            raise SegmenterError(f"shape mismatch: rgb {rgb.shape}, pts3d {pts3d.shape}, "
-                                 f"valid {valid.shape} (expected V,H,W,3 / V,H,W,3 / V,H,W)")
-        V = rgb.shape[0]
-        local = np.zeros(rgb.shape[:3], np.int32)
-        for v in range(V):
-            check_cancel(cancel)
-            report(progress, v / (V + 1), f"classical masks view {v + 1}/{V}")
-            local[v] = self.automatic_masks(rgb[v], pts3d[v], valid[v])
-        check_cancel(cancel)
-        report(progress, V / (V + 1), "associating masks across views")
-        glob, info = associate_masks_3d(local, pts3d, valid, voxel=self.voxel,
-                                        min_overlap=self.min_overlap, return_info=True)
-        cache = make_mask_cache(glob, pts3d, valid)
-        for t in cache.objects.values():
-            t["score"] = 1.0
-        report(progress, 1.0, f"{len(cache.objects)} objects")
-        return cache
 
     def refine(self, rgb, pos_uv, neg_uv, prior_mask=None, pts=None, valid=None) -> np.ndarray:
         info = self._analyse(rgb, pts, valid)

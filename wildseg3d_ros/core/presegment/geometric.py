@@ -53,7 +53,7 @@ Pixel sizes are given for a 640 px wide image and scale with the image.  Physica
 metric pointmap (the ``rgbd`` backend).
 
 :meth:`build_mask_cache` associates the per-view segments across views in 3D
-(:func:`~wildseg3d_ros.core.presegment.mask_cache.associate_masks_3d`).  :meth:`refine` selects the
+(:func:`~wildseg3d_ros.core.mask_cache.associate_masks_3d`).  :meth:`refine` selects the
 segments under positive clicks and removes those under negative ones; a segment that holds
 clicks of both kinds is split between them along its atom graph (each atom goes to the click
 with the cheapest path, edges costing their concavity and colour difference), so a negative
@@ -73,10 +73,9 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 
-from ..errors import SegmenterError, check_cancel, report
+from ..errors import SegmenterError
 from ..geometry import resect_pinhole
-from ..mask_cache import associate_masks_3d, make_mask_cache, relabel_consecutive
-from ..types import MaskCache
+from ..mask_cache import relabel_consecutive
 from .base import Segmenter, as_uv
 
 __all__ = ["GeometricSegmenter", "camera_frame", "inverse_depth_noise", "depth_jumps",
@@ -871,28 +870,6 @@ class GeometricSegmenter(Segmenter):
         if info is None:
             return self.classical.automatic_masks(rgb, pts, valid)
         return info["labels"].copy()
-
-    def build_mask_cache(self, rgb, pts3d, valid, progress=None, cancel=None) -> MaskCache:
-        rgb = np.asarray(rgb)
-        pts3d = np.asarray(pts3d)
-        valid = np.asarray(valid, bool)
-        if rgb.ndim != 4 or pts3d.shape[:3] != rgb.shape[:3] or valid.shape != rgb.shape[:3]:
-            raise SegmenterError(f"shape mismatch: rgb {rgb.shape}, pts3d {pts3d.shape}, "
-                                 f"valid {valid.shape} (expected V,H,W,3 / V,H,W,3 / V,H,W)")
-        V = rgb.shape[0]
-        local = np.zeros(rgb.shape[:3], np.int32)
-        for v in range(V):
-            check_cancel(cancel)
-            report(progress, v / (V + 1), f"geometric masks view {v + 1}/{V}")
-            local[v] = self.automatic_masks(rgb[v], pts3d[v], valid[v])
-        check_cancel(cancel)
-        report(progress, V / (V + 1), "associating masks across views")
-        glob = associate_masks_3d(local, pts3d, valid, voxel=self.voxel, min_overlap=self.min_overlap)
-        cache = make_mask_cache(glob, pts3d, valid)
-        for t in cache.objects.values():
-            t["score"] = 1.0
-        report(progress, 1.0, f"{len(cache.objects)} objects")
-        return cache
 
     def refine(self, rgb, pos_uv, neg_uv, prior_mask=None, pts=None, valid=None) -> np.ndarray:
         """The prior mask plus the segments under positive clicks, minus those under negative
