@@ -8,6 +8,7 @@ the classical segmenter) into the mask cache with global object ids.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from .errors import AlignmentError, PipelineError, check_cancel
 from .geometry import apply_sim3_to_poses, invert_pose, transform_points, umeyama
 from .scene import AlignedScene, Keyframe
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,11 @@ class ReconstructionPipeline:
         self.backend = make_backend(cfg.backend, **bkw)
         self.segmenter = make_segmenter(cfg.segmenter, device=cfg.device, **cfg.segmenter_kwargs) \
             if cfg.segmenter == "sam2" else make_segmenter(cfg.segmenter, **cfg.segmenter_kwargs)
+        #: keyframes the backend left out of the last reconstruction: {position in the keyframe
+        #: list given to run(): reason}; the scene covers the others, in order
+        self.last_dropped_views: Dict[int, str] = {}
+        #: positions (in the list given to run()) of the keyframes the last scene covers
+        self.last_kept_views: list = []
 
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
@@ -79,6 +87,8 @@ class ReconstructionPipeline:
         preds = self.backend.predict_pairs(kfs, pairs, cancel=cancel)
         t["pointmaps_s"] = time.perf_counter() - t0
         check_cancel(cancel, "reconstruction")
+        kfs = self._keep_backend_views(kfs, preds)
+        t["views_dropped"] = float(len(self.last_dropped_views))
 
         # per-view pre-segmentation (camera-frame pointmaps help the classical segmenter)
         t1 = time.perf_counter()
@@ -98,11 +108,21 @@ class ReconstructionPipeline:
         t2 = time.perf_counter()
         say("alignment", 0.5)
         priors = None
-        if cfg.use_pose_priors and cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in kfs):
+        prior_w = cfg.pose_prior_weight
+        focals = None
+        backend_poses = preds.info.get("known_poses") if isinstance(preds.info, dict) else None
+        if backend_poses is not None:
+            # the backend estimated the poses itself (e.g. SfM bundle adjustment): DGA keeps them
+            # (weight inf) with the intrinsics they were estimated with; odometry only places the
+            # result in world_frame afterwards (_express_in_world)
+            priors = np.asarray(backend_poses, np.float64)
+            prior_w = float(preds.info.get("known_poses_weight", float("inf")))
+            focals = preds.intrinsics
+        elif cfg.use_pose_priors and cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in kfs):
             priors = np.stack([kf.pose_prior for kf in kfs])
         try:
             scene = align_global(preds, num_views=len(kfs), soft_masks=soft, known_poses=priors,
-                                 pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
+                                 pose_prior_weight=prior_w if priors is not None else 0.0, known_focals=focals,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
                                  device=cfg.device, cancel=cancel)
@@ -115,7 +135,7 @@ class ReconstructionPipeline:
         scene.frame_id = frame_id
         scene.stamps = np.array([kf.stamp for kf in kfs], dtype=np.float64)
         # metric depth: only a rigid transform to the pose priors, never a rescale to drifting odometry
-        scene.metric = scene.metric or preds.metric
+        scene.metric = preds.metric if backend_poses is not None else (scene.metric or preds.metric)
         priors_all = [kf.pose_prior for kf in kfs]
         self._express_in_world(scene, priors_all if cfg.align_to_priors else [None] * len(kfs))
 
@@ -128,6 +148,32 @@ class ReconstructionPipeline:
         t["total_s"] = time.perf_counter() - t0
         say("done", 1.0)
         return scene, t
+
+    def _keep_backend_views(self, kfs, preds):
+        """The keyframes the predictions cover. A backend that cannot use some keyframes (e.g.
+        SfM could not register them) returns predictions for the others only, numbered 0..V'-1,
+        with ``info['views']`` (their positions in ``kfs``) and ``info['dropped_views']``
+        ({position: reason}); the reconstruction continues with those (at least 2)."""
+        info = preds.info if isinstance(preds.info, dict) else {}
+        views = info.get("views")
+        self.last_dropped_views = {}
+        self.last_kept_views = list(range(len(kfs)))
+        if views is None:
+            return kfs
+        views = [int(v) for v in views]
+        if len(views) < 2 or len(set(views)) != len(views) or not all(0 <= v < len(kfs) for v in views):
+            raise PipelineError(f"backend '{self.cfg.backend}' kept keyframes {views} of {len(kfs)}: "
+                                "a reconstruction needs at least 2 distinct ones")
+        dropped = {int(k): str(v) for k, v in dict(info.get("dropped_views") or {}).items()}
+        for v in range(len(kfs)):
+            if v not in views and v not in dropped:
+                dropped[v] = "left out by the backend"
+        self.last_dropped_views = dropped
+        self.last_kept_views = views
+        if dropped:
+            _log.warning("reconstructing %d of %d keyframes; left out: %s", len(views), len(kfs),
+                         "; ".join(f"keyframe {v} (index {kfs[v].index}): {m}" for v, m in sorted(dropped.items())))
+        return [kfs[v] for v in views]
 
     @staticmethod
     def _images_at_pointmap_size(kfs, preds, cam_pts) -> np.ndarray:
