@@ -80,8 +80,17 @@ PARAMS = [
     ParamSpec("keyframes.max_keyframes", 8, "Bounded keyframe buffer size.", 2, 64),
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
               "many new keyframes (0: only on ~/reconstruct).", 0, 64),
-    ParamSpec("backend", "rgbd", "Pointmap backend.", choices=("rgbd", "dust3r")),
-    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint (.pth file or save_pretrained folder).",
+    ParamSpec("backend", "rgbd", "Pointmap backend: rgbd (depth camera), sfm (RGB only, no weights: "
+              "structure from motion + stereo, CPU) or dust3r (RGB, network checkpoint).",
+              choices=("rgbd", "sfm", "dust3r")),
+    ParamSpec("sfm.refine_intrinsics", False, "sfm: refine the focal length in bundle adjustment "
+              "(CameraInfo only approximate) instead of trusting the calibration."),
+    ParamSpec("sfm.max_pairs_per_view", 3, "sfm: dense stereo pairs kept per keyframe (best by shared "
+              "points and triangulation angle).", 1, 16),
+    ParamSpec("sfm.max_image_size", 1024, "sfm: keyframes are downscaled to this long side first "
+              "(0: full resolution).", 0, 8192),
+    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint: .pth file, save_pretrained folder or "
+              "Hugging Face hub id (resolved through the local hub cache; HF_HUB_OFFLINE honoured).",
               check=check_file_param),
     ParamSpec("dust3r.image_size", 512, "DUSt3R input size (512 or 224).", 224, 512),
     ParamSpec("dust3r.batch_size", 4, "Pairs per inference batch.", 1, 64),
@@ -253,6 +262,10 @@ class ReconstructionNode(NodeCommonMixin, Node):
         if p["backend"] == "dust3r":
             backend_kwargs = dict(model=p["dust3r.checkpoint"] or None, image_size=p["dust3r.image_size"],
                                   batch_size=p["dust3r.batch_size"])
+        elif p["backend"] == "sfm":
+            backend_kwargs = dict(refine_intrinsics=p["sfm.refine_intrinsics"],
+                                  max_pairs_per_view=p["sfm.max_pairs_per_view"],
+                                  max_image_size=p["sfm.max_image_size"])
         seg_kwargs = {}
         if p["segmenter"] == "sam2":
             seg_kwargs = dict(config=p["sam2.config"], checkpoint=p["sam2.checkpoint"],
@@ -703,9 +716,14 @@ class ReconstructionNode(NodeCommonMixin, Node):
             backend_status = "ready"
         else:
             backend_status = "loading"
+        dropped = dict(getattr(self._pipeline, "last_dropped_views", None) or {})  # keyframes a backend left out
         kv = {"backend": p["backend"], "segmenter": p["segmenter"], "device": p["device"],
               "backend_status": backend_status,
-              "model": (p["dust3r.checkpoint"] if p["backend"] == "dust3r" else "none (rgbd: depth + features)")
+              "model": (p["dust3r.checkpoint"] if p["backend"] == "dust3r" else
+                        "none (sfm: pycolmap structure from motion + OpenCV SGBM stereo)" if p["backend"] == "sfm"
+                        else "none (rgbd: depth + features)")
+              + (f"; last reconstruction left out keyframes {sorted(dropped)}: "
+                 + "; ".join(f"{k}: {m}" for k, m in sorted(dropped.items()))[:400] if dropped else "")
               + (f"; sam2 {p['sam2.checkpoint']}" if p["segmenter"] == "sam2" else ""),
               "buffer_fill": f"{len(self._buffer)}/{p['keyframes.max_keyframes']}",
               "reconstruction_running": str(running),

@@ -379,12 +379,23 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
         vis.append(seen)
     points = np.stack(pts) if pts else np.zeros((0, 3))
     visibility = np.stack(vis) if vis else np.zeros((0, V), bool)
+    other_models = []  # view sets of the models not kept (a split reconstruction)
+    for _, r2 in recs:
+        if r2 is rec:
+            continue
+        vs = {view_of[i] for i, im in r2.images.items() if im.has_pose and i in view_of}
+        if vs and not vs & set(np.flatnonzero(registered).tolist()):
+            other_models.append(vs)
     reasons = {}
     for v in range(V):
         if registered[v]:
             continue
         if v not in connected:
             reasons[v] = unmatched_reason(v)
+        elif any(v in others for others in other_models):
+            grp = next(sorted(others) for others in other_models if v in others)
+            reasons[v] = (f"placed only in a separate model with views {grp}: too few feature matches link "
+                          f"that group to the kept views {[u for u in range(V) if registered[u]]}")
         else:
             nb = [u for u in range(V) if registered[u] and inliers[v, u] >= o.min_num_inliers]
             reasons[v] = (f"{features[v]} SIFT features and verified matches with views "

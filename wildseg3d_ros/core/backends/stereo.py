@@ -40,6 +40,7 @@ class StereoOptions:
     """SGBM and filtering parameters (pixels at the rectified resolution)."""
 
     block_size: int = 5
+    color: bool = True              # match on RGB (cost summed over channels) instead of grey
     p1_factor: float = 8.0          # P1 = p1_factor * channels * block_size^2 (OpenCV's advice)
     p2_factor: float = 32.0         # P2 = p2_factor * channels * block_size^2
     uniqueness: int = 10            # SGBM uniqueness ratio (%)
@@ -52,7 +53,9 @@ class StereoOptions:
     max_rect_scale: float = 2.0     # refuse rectifications that grow the image area beyond this
     conf_scale: float = 3.0         # confidence = 1 + conf_scale * quality (rgbd convention)
     edge_rel_jump: float = 0.05     # relative depth jump to a neighbour that marks an edge pixel
-    edge_erode_px: int = 3          # drop pixels this close to an invalid pixel or a depth jump
+    edge_erode_px: int = 3          # drop pixels this close to a large invalid area or a depth jump
+    erode_rel_jump: float = float("inf")  # also trim at relative depth jumps above this (inf: off)
+    erode_min_hole_frac: float = 0.002  # invalid areas below this share of the image are holes, not silhouettes
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Rectification:
     cx_j: float
     size: Tuple[int, int]  # (width, height) of both rectified images
     baseline: float      # |c_j - c_i| in the pose units
+    w_i: int = 0         # columns the warped image i occupies (from column 0)
+    w_j: int = 0
 
 
 def _project_corners(K: np.ndarray, R: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -146,7 +151,8 @@ def rectify(K_i: np.ndarray, K_j: np.ndarray, T_ij: np.ndarray, shape_i: Tuple[i
     cy = -y0 * f - 0.5
     cx_i = -pi[:, 0].min() * f - 0.5
     cx_j = -pj[:, 0].min() * f - 0.5
-    return Rectification(R_i, R_j, f, float(cy), float(cx_i), float(cx_j), (W, H), B)
+    return Rectification(R_i, R_j, f, float(cy), float(cx_i), float(cx_j), (W, H), B,
+                         int(np.ceil(W_i)), int(np.ceil(W_j)))
 
 
 def _rect_K(f: float, cx: float, cy: float) -> np.ndarray:
@@ -315,18 +321,33 @@ def pair_pointmaps(rgb_i: np.ndarray, rgb_j: np.ndarray, K_i: np.ndarray, K_j: n
     K_j = np.asarray(K_j, np.float64)
     rect = rectify(K_i, K_j, T_ij, rgb_i.shape[:2], rgb_j.shape[:2], o.max_rect_scale)
     min_d, num_d = disparity_range(shared_points_i, rect, o.disparity_margin, o.max_disparities)
-    Kri, Krj = _rect_K(rect.f, rect.cx_i, rect.cy), _rect_K(rect.f, rect.cx_j, rect.cy)
+    W0, H = rect.size
+    if min_d >= W0 or min_d + num_d <= -W0:
+        raise StereoError(f"the disparity range [{min_d}, {min_d + num_d}) exceeds the {W0}-px rectified "
+                          "width: the views do not overlap")
+    # SGBM only matches columns x >= minDisparity + numDisparities of its left image (and, mirrored,
+    # of the right one): shift view j by -min_d (search range [0, num_d)) and pad both sides by the
+    # range, so every column of both images is matched however wide the range is
+    pad = max(num_d, -min_d, 0)
+    cx_i = rect.cx_i + pad
+    cx_j = rect.cx_j + pad + min_d
+    Wc = int(max(pad + rect.w_i, pad + min_d + rect.w_j) + num_d)
+    size = (Wc, H)
+    Kri, Krj = _rect_K(rect.f, cx_i, rect.cy), _rect_K(rect.f, cx_j, rect.cy)
     gi = cv2.cvtColor(np.ascontiguousarray(rgb_i), cv2.COLOR_RGB2GRAY)
     gj = cv2.cvtColor(np.ascontiguousarray(rgb_j), cv2.COLOR_RGB2GRAY)
+    # matching on colour (SGBM sums its cost over channels): colour texture that is flat in grey
+    # (e.g. saturated objects) still matches; the texture check below uses grey
+    src_i = np.ascontiguousarray(rgb_i[..., :3]) if o.color else gi
+    src_j = np.ascontiguousarray(rgb_j[..., :3]) if o.color else gj
+    Li = warp_to_rectified(src_i, K_i, rect.R_i, Kri, size)
+    Rj = warp_to_rectified(src_j, K_j, rect.R_j, Krj, size)
+    Gi = warp_to_rectified(gi, K_i, rect.R_i, Kri, size) if o.color else Li
+    Gj = warp_to_rectified(gj, K_j, rect.R_j, Krj, size) if o.color else Rj
     # a mask of the original image area (warped), so the black border is never matched
-    Li = warp_to_rectified(gi, K_i, rect.R_i, Kri, rect.size)
-    Rj = warp_to_rectified(gj, K_j, rect.R_j, Krj, rect.size)
-    Mi = warp_to_rectified(np.full(gi.shape, 255, np.uint8), K_i, rect.R_i, Kri, rect.size, cv2.INTER_NEAREST) > 0
-    Mj = warp_to_rectified(np.full(gj.shape, 255, np.uint8), K_j, rect.R_j, Krj, rect.size, cv2.INTER_NEAREST) > 0
-    W = rect.size[0]
-    if min_d + num_d <= 0 or min_d >= W:
-        raise StereoError(f"the disparity range [{min_d}, {min_d + num_d}) does not overlap the {W}-px "
-                          "rectified width: the views do not overlap")
+    Mi = warp_to_rectified(np.full(gi.shape, 255, np.uint8), K_i, rect.R_i, Kri, size, cv2.INTER_NEAREST) > 0
+    Mj = warp_to_rectified(np.full(gj.shape, 255, np.uint8), K_j, rect.R_j, Krj, size, cv2.INTER_NEAREST) > 0
+    min_d0, min_d = min_d, 0
     t1 = time.perf_counter()
     d_l = _sgbm(Li, Rj, min_d, num_d, o)
     # right view: mirror both images so the same positive-disparity search applies
@@ -336,27 +357,29 @@ def pair_pointmaps(rgb_i: np.ndarray, rgb_j: np.ndarray, K_i: np.ndarray, K_j: n
     # the right map's own check, in its coordinates: x_l = x_r + d_R(x_r)
     ok_r, diff_r = _lr_check(d_r[:, ::-1], d_l[:, ::-1], o.lr_max_diff)
     ok_r, diff_r = ok_r[:, ::-1], diff_r[:, ::-1]
-    ok_l &= Mi & _texture_ok(Li, o.min_texture)
-    ok_r &= Mj & _texture_ok(Rj, o.min_texture)
+    ok_l &= Mi & _texture_ok(Gi, o.min_texture)
+    ok_r &= Mj & _texture_ok(Gj, o.min_texture)
     fB = rect.f * rect.baseline
-    off = rect.cx_i - rect.cx_j
+    off = cx_i - cx_j
     z_l = np.where(ok_l, fB / np.maximum(d_l - off, 1e-6), np.nan)
     z_r = np.where(ok_r, fB / np.maximum(d_r - off, 1e-6), np.nan)
     ok_l &= np.isfinite(z_l) & (d_l - off > 1e-6)
     ok_r &= np.isfinite(z_r) & (d_r - off > 1e-6)
-    ok_l &= _away_from_edges(np.where(ok_l, z_l, np.nan), o.edge_rel_jump, o.edge_erode_px)
-    ok_r &= _away_from_edges(np.where(ok_r, z_r, np.nan), o.edge_rel_jump, o.edge_erode_px)
+    ok_l &= _away_from_edges(np.where(ok_l, z_l, np.nan), o.erode_rel_jump, o.edge_erode_px,
+                             int(o.erode_min_hole_frac * gi.size))
+    ok_r &= _away_from_edges(np.where(ok_r, z_r, np.nan), o.erode_rel_jump, o.edge_erode_px,
+                             int(o.erode_min_hole_frac * gi.size))
     q_l = np.where(ok_l, np.exp(-diff_l) * _edge_quality(np.where(ok_l, z_l, np.nan), o.edge_rel_jump), 0.0)
     q_r = np.where(ok_r, np.exp(-diff_r) * _edge_quality(np.where(ok_r, z_r, np.nan), o.edge_rel_jump), 0.0)
     d_l = np.where(ok_l, d_l, np.nan)
     d_r = np.where(ok_r, d_r, np.nan)
-    pts_i, q_i = _resample_to_view(d_l, q_l, K_i, rect.R_i, rect.f, rect.cx_i, rect.cy, fB, off, rgb_i.shape[:2])
-    pts_j, q_j = _resample_to_view(d_r, q_r, K_j, rect.R_j, rect.f, rect.cx_j, rect.cy, fB, off, rgb_j.shape[:2])
+    pts_i, q_i = _resample_to_view(d_l, q_l, K_i, rect.R_i, rect.f, cx_i, rect.cy, fB, off, rgb_i.shape[:2])
+    pts_j, q_j = _resample_to_view(d_r, q_r, K_j, rect.R_j, rect.f, cx_j, rect.cy, fB, off, rgb_j.shape[:2])
     T = np.asarray(T_ij, np.float64)
     pts_j_in_i = (pts_j.astype(np.float64) @ T[:3, :3].T + T[:3, 3]).astype(np.float32)
     conf_i = np.where(q_i > 0, 1.0 + o.conf_scale * q_i, 0.0).astype(np.float32)
     conf_j = np.where(q_j > 0, 1.0 + o.conf_scale * q_j, 0.0).astype(np.float32)
     info = dict(valid_i=float((conf_i > 0).mean()), valid_j=float((conf_j > 0).mean()),
-                disparity=(int(min_d), int(min_d + num_d)), rect_size=tuple(int(x) for x in rect.size),
+                disparity=(int(min_d0), int(min_d0 + num_d)), rect_size=(int(Wc), int(H)),
                 baseline=rect.baseline, rectify_s=t1 - t0, sgbm_s=t2 - t1, total_s=time.perf_counter() - t0)
     return PairStereo(pts_i, conf_i, pts_j_in_i, conf_j, info)
