@@ -131,12 +131,15 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         frame_idx = match_frames(scene.rgb, seq.rgb)
         # the click: an object visible in the first keyframe, at its mask's most interior pixel
         gt_kf = seq.instance[frame_idx]
-        areas = {oid: int((gt_kf[0] == oid).sum()) for oid in seq.scene.object_ids}
+        # objects ranked by their reconstructed area in keyframe 0 (all of it with depth; stereo
+        # leaves holes, an object may even be missing from it)
+        rec0 = np.isfinite(scene.pts3d[0]).all(-1) & (scene.conf[0] > 0)
+        areas = {oid: int(((gt_kf[0] == oid) & rec0).sum()) for oid in seq.scene.object_ids}
         ranked = sorted(areas, key=lambda o: -areas[o])
         target = ranked[min(target_rank, len(ranked) - 1)]
         import cv2
         # (on a pixel with a reconstructed point: stereo leaves some pixels without depth)
-        m = ((gt_kf[0] == target) & np.isfinite(scene.pts3d[0]).all(-1) & (scene.conf[0] > 0)).astype(np.uint8)
+        m = ((gt_kf[0] == target) & rec0).astype(np.uint8)
         if not m.any():
             raise RuntimeError(f"keyframe 0 has no reconstructed point on '{seq.scene.names[target]}'")
         dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)

@@ -699,6 +699,29 @@ def _to_network_resolution(kfs: List[Frame], size: int):
     return maps
 
 
+#: a click on a pixel without a reconstructed point moves to the nearest one within this radius
+SNAP_PX = 12.0
+
+
+def _snap_to_reconstructed(valid: np.ndarray, u: float, v: float, radius: float):
+    """(u, v, moved): the click, or the nearest pixel with a reconstructed point within
+    ``radius`` px when the clicked pixel has none (backends without depth leave holes)."""
+    H, W = valid.shape
+    c, r = int(round(u)), int(round(v))
+    if not (0 <= c < W and 0 <= r < H) or valid[r, c]:
+        return u, v, False
+    r0, r1 = max(0, r - int(radius)), min(H, r + int(radius) + 1)
+    c0, c1 = max(0, c - int(radius)), min(W, c + int(radius) + 1)
+    rr, cc = np.nonzero(valid[r0:r1, c0:c1])
+    if len(rr) == 0:
+        return u, v, False
+    d2 = (rr + r0 - r) ** 2 + (cc + c0 - c) ** 2
+    k = int(np.argmin(d2))
+    if d2[k] > radius * radius:
+        return u, v, False
+    return float(cc[k] + c0), float(rr[k] + r0), True
+
+
 def run_segment(args) -> dict:
     """Run the whole offline pipeline for parsed ``args``; returns the result dict (also written
     as result.json) with the in-memory ``scene`` and ``session`` under ``_scene``/``_session``."""
@@ -817,6 +840,7 @@ def run_segment(args) -> dict:
     timings["group_mapper_s"] = time.perf_counter() - t
     prompts = list(args.prompts or [])
     prompt_log = []
+    valid_px = scene.valid_mask()
     t = time.perf_counter()
     for pr in prompts:
         if pr.view >= len(frames):
@@ -832,10 +856,14 @@ def run_segment(args) -> dict:
         if click_maps is not None:  # input pixels -> network-resolution pixels
             sx, sy, left, top = click_maps[pr.view]
             u, v = (u + 0.5) * sx - 0.5 - left, (v + 0.5) * sy - 0.5 - top
+        u, v, snapped = _snap_to_reconstructed(valid_px[scene_view[pr.view]], u, v, SNAP_PX)
+        if snapped:
+            _log(f"click {pr.view}:{pr.u:g},{pr.v:g} is on a pixel without a reconstructed point (e.g. a stereo "
+                 f"hole): using the nearest reconstructed pixel ({u:.0f}, {v:.0f}) of the scene", args.quiet)
         tp = time.perf_counter()
         res = session.add_pixel_prompt(scene_view[pr.view], u, v, pr.positive)
         prompt_log.append({"positive": pr.positive, "view": pr.view, "u": pr.u, "v": pr.v,
-                           "u_scene": round(float(u), 2), "v_scene": round(float(v), 2),
+                           "u_scene": round(float(u), 2), "v_scene": round(float(v), 2), "snapped": bool(snapped),
                            "points_after": int(res.num_points), "ms": round((time.perf_counter() - tp) * 1e3, 2)})
     timings["prompts_s"] = time.perf_counter() - t
     obj_pts, obj_rgb, obj_lab = session.combined_cloud()

@@ -83,11 +83,40 @@ def hub_offline() -> bool:
 
 def _how_to_get(repo: str, filename: Optional[str], cache: str) -> str:
     what = f"{repo} {filename}" if filename else repo
-    return (f"on a machine with internet access run `huggingface-cli download {what}` (or in Python "
+    return (f"on a machine with internet access run `hf download {what}` (huggingface_hub's CLI; older "
+            f"releases: huggingface-cli download) or in Python "
             f"huggingface_hub.{'hf_hub_download' if filename else 'snapshot_download'}({repo!r}"
-            f"{', ' + repr(filename) if filename else ''})) and copy its cache folder "
+            f"{', ' + repr(filename) if filename else ''}), and copy its cache folder "
             f"models--{repo.replace('/', '--')} into {cache} (set HF_HUB_CACHE to use another cache), or "
             "download the checkpoint file and give its local path instead")
+
+
+def cached_checkpoint(spec, kind: str = "dust3r") -> Optional[str]:
+    """The local path of hub id ``spec`` when it is already in the hub cache, else None (never
+    touches the network; for checks such as ``wildseg3d check-gpu``)."""
+    hub = parse_hub_id(spec) if spec else None
+    if hub is None:
+        return None
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return resolve_checkpoint(spec, kind)
+    except CheckpointError:
+        return None
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def how_to_download(spec, kind: str = "dust3r") -> str:
+    """What to run to put hub id ``spec`` into the local cache."""
+    hub = parse_hub_id(spec)
+    if hub is None:
+        return ""
+    fname = hub[1] or (SAM2_HUB_FILES.get(hub[0]) if kind == "sam2" else None)
+    return _how_to_get(hub[0], fname, hub_cache_dir())
 
 
 def resolve_checkpoint(spec, kind: str = "dust3r", error: Type[Exception] = CheckpointError) -> str:

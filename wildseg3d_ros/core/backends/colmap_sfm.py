@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -91,6 +91,10 @@ class SfmResult:
 
 # ----------------------------------------------------------------------------------------------
 def _import_pycolmap():
+    # OpenCV first: pycolmap's wheel bundles its own zlib/libpng, and when it is loaded before
+    # OpenCV, cv2's PNG writer can end up mixing the two (heap corruption in deflateEnd)
+    import cv2  # noqa: F401
+
     try:
         import pycolmap
     except ImportError as exc:  # pragma: no cover - pycolmap is in requirements.txt
@@ -135,6 +139,8 @@ def _cancel_watch(pycolmap, cancel: Optional[Callable[[], bool]]):
     th.start()
     try:
         yield token
+    except InterruptedError as exc:  # pycolmap's answer to a tripped token
+        raise Cancelled(f"structure from motion cancelled ({exc})") from exc
     finally:
         stop.set()
         th.join(0.5)
@@ -146,14 +152,53 @@ def _check(cancel, where: str):
 
 
 def _camera_params(K: np.ndarray, refine: bool) -> tuple:
+    """COLMAP camera model + parameter string. COLMAP puts the centre of the top-left pixel at
+    (0.5, 0.5), OpenCV / CameraInfo at (0, 0): the principal point moves by half a pixel."""
+    cx, cy = K[0, 2] + 0.5, K[1, 2] + 0.5
     if refine:
-        vals = (0.5 * (K[0, 0] + K[1, 1]), K[0, 2], K[1, 2])
-        return "SIMPLE_PINHOLE", ",".join(repr(float(x)) for x in vals)
-    return "PINHOLE", ",".join(repr(float(x)) for x in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        return "SIMPLE_PINHOLE", ",".join(repr(float(x)) for x in (0.5 * (K[0, 0] + K[1, 1]), cx, cy))
+    return "PINHOLE", ",".join(repr(float(x)) for x in (K[0, 0], K[1, 1], cx, cy))
 
 
 def _K_of(cam) -> np.ndarray:
-    return np.asarray(cam.calibration_matrix(), np.float64)
+    """OpenCV-convention K of a COLMAP camera (see _camera_params)."""
+    K = np.asarray(cam.calibration_matrix(), np.float64).copy()
+    K[0, 2] -= 0.5
+    K[1, 2] -= 0.5
+    return K
+
+
+def _epipolar_support(rec, view_of, kps, matches, thresh_px: float = 1.0) -> Tuple[int, float]:
+    """How many verified feature matches the model's poses explain: matches whose Sampson
+    distance under the model's relative pose of their two (registered) views is below
+    ``thresh_px``; and the median distance. Independent of how points were triangulated, so
+    models from different mappers compare fairly (a RANSAC-style hypothesis score)."""
+    Ts, Kinv = {}, {}
+    for iid, im in rec.images.items():
+        if im.has_pose and iid in view_of:
+            T = np.eye(4)
+            T[:3, :4] = np.asarray(im.cam_from_world().matrix(), np.float64)
+            Ts[iid] = T
+            Kinv[iid] = np.linalg.inv(np.asarray(rec.cameras[im.camera_id].calibration_matrix(), np.float64))
+    good, errs = 0, []
+    for (a, b), m in matches.items():
+        if a not in Ts or b not in Ts or len(m) == 0:
+            continue
+        T = Ts[b] @ np.linalg.inv(Ts[a])  # cam_b from cam_a
+        t = T[:3, 3]
+        tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
+        F = Kinv[b].T @ (tx @ T[:3, :3]) @ Kinv[a]
+        x1 = np.c_[kps[a][m[:, 0], :2], np.ones(len(m))]
+        x2 = np.c_[kps[b][m[:, 1], :2], np.ones(len(m))]
+        Fx1 = x1 @ F.T
+        Ftx2 = x2 @ F
+        num = np.einsum("ij,ij->i", x2, Fx1) ** 2
+        den = Fx1[:, 0] ** 2 + Fx1[:, 1] ** 2 + Ftx2[:, 0] ** 2 + Ftx2[:, 1] ** 2
+        e = np.sqrt(num / np.maximum(den, 1e-18))
+        good += int((e < thresh_px).sum())
+        errs.append(e)
+    med = float(np.median(np.concatenate(errs))) if errs else float("inf")
+    return good, med
 
 
 def _pose_c2w(image) -> np.ndarray:
@@ -175,10 +220,6 @@ def _ba_options(pycolmap, refine_intrinsics: bool, robust: bool = True):
     if robust:
         bo.ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
     return bo
-
-
-def _score(rec) -> tuple:
-    return (rec.num_reg_images(), -rec.compute_mean_reprojection_error())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,13 +255,13 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
     t0 = time.perf_counter()
     img_dir = os.path.join(tmp, "images")
     os.makedirs(img_dir)
-    names = [f"{v:04d}.png" for v in range(V)]
+    names = [f"{v:04d}.bmp" for v in range(V)]  # uncompressed: no zlib involved (see _import_pycolmap)
     for v, im in enumerate(images):
         im = np.asarray(im)
         if im.ndim != 3 or im.shape[2] < 3 or im.dtype != np.uint8:
             raise SfmError(f"view {v}: expected an HxWx3 uint8 RGB image, got {im.shape} {im.dtype}")
-        cv2.imwrite(os.path.join(img_dir, names[v]), np.ascontiguousarray(im[..., 2::-1]),
-                    [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not cv2.imwrite(os.path.join(img_dir, names[v]), np.ascontiguousarray(im[..., 2::-1])):
+            raise SfmError(f"cannot write view {v} into the temporary folder {img_dir}")
     db_path = os.path.join(tmp, "database.db")
     pycolmap.set_random_seed(int(o.seed))
     model, params = _camera_params(Ks[0], refine)
@@ -266,6 +307,7 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
                                   device=pycolmap.Device.cpu, cancellation_token=tok)
     _check(cancel, "matching")
     inliers = np.zeros((V, V), np.int64)
+    matches, kps = {}, {}
     with pycolmap.Database.open(db_path) as db:
         pids, geoms = db.read_two_view_geometries()
         for pid, g in zip(pids, geoms):
@@ -273,6 +315,10 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
             n = len(g.inlier_matches) if g.config not in (pycolmap.TwoViewGeometryConfiguration.UNDEFINED,
                                                            pycolmap.TwoViewGeometryConfiguration.DEGENERATE) else 0
             inliers[view_of[a], view_of[b]] = inliers[view_of[b], view_of[a]] = n
+            if n:
+                matches[(a, b)] = np.asarray(g.inlier_matches, np.int64).reshape(-1, 2)
+        for iid in view_of:
+            kps[iid] = np.asarray(db.read_keypoints(iid), np.float64)
     t["matching_s"] = time.perf_counter() - t1
 
     def unmatched_reason(v: int) -> str:
@@ -312,8 +358,7 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
         except Exception as e:  # noqa: BLE001 - a failed mapper is reported, the other one tried
             tried.append(f"global mapping failed: {e}")
         _check(cancel, "global mapping")
-    best = max(recs, key=lambda kr: _score(kr[1])) if recs else None
-    if o.mapper == "incremental" or (o.mapper == "auto" and (best is None or best[1].num_reg_images() < V)):
+    if o.mapper in ("auto", "incremental"):
         io = pycolmap.IncrementalPipelineOptions()
         io.num_threads = int(o.num_threads)
         io.random_seed = int(o.seed)
@@ -344,13 +389,25 @@ def _run(pycolmap, images, Ks, refine, shared_K, o, tmp, cancel, say, t) -> SfmR
                        + ("; ".join(tried) or "the mappers found no initial pair") + "); pairwise inlier matches: "
                        + ", ".join(f"{i}-{j}: {inliers[i, j]}" for i in range(V) for j in range(i + 1, V)
                                    if inliers[i, j]))
-    mapper_name, rec = max(recs, key=lambda kr: _score(kr[1]))
     t["mapping_s"] = time.perf_counter() - t2
 
-    # -- register what is missing, final bundle adjustment ----------------------------------
+    # -- register what is missing, triangulate, bundle-adjust; keep the best-supported model --
+    # Every candidate (global / incremental, each of their models) is completed and refined the
+    # same way, then judged like a RANSAC hypothesis: most views registered, then most verified
+    # feature matches its poses explain (epipolar distance < 1 px). A model with a wrong pose
+    # cannot explain as many (on 5 low-resolution views GLOMAP can be off by degrees where
+    # incremental mapping is not; on the temple ring incremental mapping misses views).
     t3 = time.perf_counter()
     say(0.8, "sfm: bundle adjustment")
-    rec = _complete_and_refine(pycolmap, db_path, rec, refine, o, cancel, V, id_of)
+    recs.sort(key=lambda kr: -kr[1].num_reg_images())
+    recs = [kr for kr in recs if kr[1].num_reg_images() >= recs[0][1].num_reg_images() - 2][:4]
+    scored = []
+    for name, r in recs:
+        _check(cancel, "refinement")
+        r = _complete_and_refine(pycolmap, db_path, r, refine, o, cancel, V, id_of)
+        support, med = _epipolar_support(r, view_of, kps, matches)
+        scored.append(((r.num_reg_images(), support, -med), name, r))
+    (_, mapper_name, rec) = max(scored, key=lambda x: x[0])
     t["refine_s"] = time.perf_counter() - t3
 
     poses = np.full((V, 4, 4), np.nan)
@@ -412,7 +469,7 @@ def _complete_and_refine(pycolmap, db_path, rec, refine, o, cancel, V, id_of):
     """One more PnP registration attempt for missing views (incremental mapper on the kept
     model: triangulation, relaxed absolute pose), then a robust global bundle adjustment."""
     missing = [iid for iid in id_of.values() if not (rec.exists_image(iid) and rec.images[iid].has_pose)]
-    if missing:
+    if missing or V <= 6:
         _check(cancel, "before registering the missing views")
         try:
             with pycolmap.Database.open(db_path) as db:
@@ -428,6 +485,7 @@ def _complete_and_refine(pycolmap, db_path, rec, refine, o, cancel, V, id_of):
             mo.abs_pose_refine_focal_length = bool(refine)
             mo.abs_pose_refine_extra_params = False
             tri = pycolmap.IncrementalTriangulatorOptions()
+            tri.ignore_two_view_tracks = V > 6  # with a few views most points are seen twice only
             for iid in list(rec.reg_image_ids()):
                 mapper.triangulate_image(tri, iid)
             for _ in range(2):

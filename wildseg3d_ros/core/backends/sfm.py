@@ -82,8 +82,9 @@ class SfmBackend(PointmapBackend):
 
     ``refine_intrinsics``: treat the keyframes' K as an initial guess (refine the focal length in
     bundle adjustment) instead of fixed calibration. ``max_pairs_per_view``: stereo pairs kept
-    per view (ranked by shared SfM points and triangulation angle). ``min_shared_points``: sparse
-    points two views must share to be a stereo pair. ``min_pair_angle_deg`` /
+    per view (ranked by verified feature matches and triangulation angle). ``min_matches`` /
+    ``min_shared_points``: verified matches / triangulated points two views must share to be a
+    stereo pair (the points set its disparity search range and triangulation angle). ``min_pair_angle_deg`` /
     ``max_pair_angle_deg``: the pair's median triangulation angle must lie in this range (too
     small: depth is noise; too large: the views see different sides). ``max_image_size``: long
     side the keyframes are brought to first (0: keep). ``sfm`` / ``stereo``: dicts of
@@ -93,21 +94,21 @@ class SfmBackend(PointmapBackend):
     name = "sfm"
 
     def __init__(self, refine_intrinsics: bool = False, max_pairs_per_view: int = 3,
-                 min_shared_points: int = 12, min_pair_angle_deg: float = 1.5,
+                 min_matches: int = 15, min_shared_points: int = 5, min_pair_angle_deg: float = 1.5,
                  max_pair_angle_deg: float = 50.0, max_image_size: int = 1024,
                  scene_graph: str = "complete", num_threads: int = -1, seed: int = 0,
                  sfm: Optional[dict] = None, stereo: Optional[dict] = None, device: str = "cpu",
                  verbose: bool = False):
-        try:
-            import pycolmap  # noqa: F401
-        except ImportError as exc:
-            raise BackendError(f"the sfm backend needs pycolmap ({exc}): pip install pycolmap") from exc
+        from .colmap_sfm import _import_pycolmap
+
+        _import_pycolmap()  # a clear BackendError when pycolmap is missing
         if int(max_pairs_per_view) < 1:
             raise BackendError(f"max_pairs_per_view must be >= 1, got {max_pairs_per_view}")
         if not 0 <= float(min_pair_angle_deg) < float(max_pair_angle_deg) <= 180:
             raise BackendError(f"bad pair angle range [{min_pair_angle_deg}, {max_pair_angle_deg}] deg")
         self.refine_intrinsics = bool(refine_intrinsics)
         self.max_pairs_per_view = int(max_pairs_per_view)
+        self.min_matches = int(min_matches)
         self.min_shared_points = int(min_shared_points)
         self.angle_range = (float(min_pair_angle_deg), float(max_pair_angle_deg))
         self.max_image_size = int(max_image_size)
@@ -138,14 +139,17 @@ class SfmBackend(PointmapBackend):
         usable, refused = {}, {}
         for i, j in candidates:
             n, ang = self._pair_stats(r, i, j)
-            if n < self.min_shared_points:
-                refused[(i, j)] = f"views {i} and {j} share {n} sparse points (need >= {self.min_shared_points})"
+            m = int(r.inliers[i, j])
+            if m < self.min_matches:
+                refused[(i, j)] = f"views {i} and {j} share {m} verified feature matches (need >= {self.min_matches})"
+            elif n < self.min_shared_points:
+                refused[(i, j)] = f"views {i} and {j} share {n} sparse 3D points (need >= {self.min_shared_points})"
             elif not lo <= ang <= hi:
                 refused[(i, j)] = (f"views {i} and {j}: median triangulation angle {ang:.1f} deg outside "
                                    f"[{lo:g}, {hi:g}]")
             else:
-                # favour many shared points at a well-conditioned angle (~8 deg and up)
-                usable[(i, j)] = n * min(1.0, ang / 8.0)
+                # favour many verified matches at a well-conditioned angle (~8 deg and up)
+                usable[(i, j)] = m * min(1.0, ang / 8.0)
         # maximum spanning forest first (connectivity), then the best partners per view
         kept = set()
         nodes = sorted({v for e in usable for v in e})

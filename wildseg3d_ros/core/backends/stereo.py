@@ -50,7 +50,7 @@ class StereoOptions:
     min_texture: float = 2.0        # min local grey-level std (5x5) for a pixel to be matched
     disparity_margin: float = 0.25  # widen the sparse disparity range by this share (+16 px)
     max_disparities: int = 384      # cap on the SGBM search range (px)
-    max_rect_scale: float = 2.0     # refuse rectifications that grow the image area beyond this
+    max_rect_scale: float = 3.0     # refuse rectifications that grow the image area beyond this
     conf_scale: float = 3.0         # confidence = 1 + conf_scale * quality (rgbd convention)
     edge_rel_jump: float = 0.05     # relative depth jump to a neighbour that marks an edge pixel
     edge_erode_px: int = 3          # drop pixels this close to a large invalid area or a depth jump
@@ -109,7 +109,7 @@ def _project_corners(K: np.ndarray, R: np.ndarray, w: int, h: int) -> np.ndarray
 
 
 def rectify(K_i: np.ndarray, K_j: np.ndarray, T_ij: np.ndarray, shape_i: Tuple[int, int],
-            shape_j: Tuple[int, int], max_rect_scale: float = 2.0) -> Rectification:
+            shape_j: Tuple[int, int], max_rect_scale: float = 3.0) -> Rectification:
     """Rectifying rotations and pinhole parameters for the pair (see module docstring).
     ``T_ij``: pose of camera j in camera i's frame (x_i = T_ij x_j). Raises StereoError when the
     baseline is (nearly) zero or along the viewing direction (the warped images would explode)."""
