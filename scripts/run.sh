@@ -25,7 +25,7 @@ pick_python() {
 
 VENV="$ROOT/.venv"
 STAMP="$VENV/.wildseg3d-installed"
-want=$(cat requirements.txt requirements-test.txt setup.py | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-test.txt setup.py scripts/run.sh | sha256sum | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ]; then
   PY=$(pick_python)
   echo "[setup] creating $VENV with $PY"
@@ -45,8 +45,11 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-test.txt 2>&1 | grep -v "is ignored" || true
   # SAM2 from PyPI without compiling its optional CUDA extension (needs torch already present).
   SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install -q --no-build-isolation "sam2>=1.0" 2>&1 | grep -v "is ignored" || true
+  # DUSt3R for the tests (NAVER's code, CC BY-NC-SA 4.0, non-commercial): mini-dust3r without its UI
+  # dependencies (gradio, rerun, trimesh); what its inference imports is in requirements-test.txt.
+  "$VENV/bin/python" -m pip install -q --no-deps "mini-dust3r==0.1.2" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -c "import rclpy, torch, torchvision, cv2, skimage, scipy, rosbags, sam2, wildseg3d_ros" \
+  "$VENV/bin/python" -c "import rclpy, torch, torchvision, cv2, skimage, scipy, rosbags, sam2, pycolmap, huggingface_hub, wildseg3d_ros; import mini_dust3r.inference" \
     || { echo "error: installation incomplete (see pip output above)" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi

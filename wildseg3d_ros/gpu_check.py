@@ -64,6 +64,7 @@ MIN_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 PROFILES = {
     "rgbd_cpu": dict(packages=("torch", "numpy", "cv2"), cuda=False, sam2_ckpt=False, dust3r_ckpt=False),
+    "rgb_cpu": dict(packages=("torch", "numpy", "cv2", "pycolmap"), cuda=False, sam2_ckpt=False, dust3r_ckpt=False),
     "dust3r_sam2_gpu": dict(packages=("torch", "torchvision", "sam2", "dust3r"), cuda=True, sam2_ckpt=True,
                             dust3r_ckpt=True),
     "jetson": dict(packages=("torch", "torchvision", "sam2", "dust3r"), cuda=True, sam2_ckpt=True,
@@ -84,6 +85,7 @@ FIX = {
     "mast3r": "git clone --recursive https://github.com/naver/mast3r && pip install -r mast3r/requirements.txt "
               "&& export PYTHONPATH=$PWD/mast3r:$PWD/mast3r/dust3r:$PYTHONPATH   (CC BY-NC-SA 4.0)",
     "numpy": "pip install numpy",
+    "pycolmap": "pip install pycolmap   (COLMAP's Python bindings, CPU wheels; the sfm backend)",
     "cv2": "pip install opencv-python-headless",
 }
 
@@ -123,7 +125,10 @@ def check_package(name: str, required: bool) -> Item:
     except Exception as e:  # ImportError, or a broken install raising something else
         if name == "dust3r":  # the backend falls back to mini_dust3r (PyPI packaging of NAVER's code)
             try:
-                mod = importlib.import_module("mini_dust3r.model")
+                import contextlib
+
+                with contextlib.redirect_stdout(sys.stderr):  # it prints a RoPE notice at import
+                    mod = importlib.import_module("mini_dust3r.model")
             except Exception:
                 mod = None
             if mod is not None:
@@ -291,7 +296,7 @@ def run_checks(profile: str = "dust3r_sam2_gpu", device: str = "cuda", sam2_chec
                hash_files: bool = True) -> List[Item]:
     prof = PROFILES[profile]
     items = []
-    for pkg in ("torch", "torchvision", "numpy", "cv2", "sam2", "dust3r", "mast3r"):
+    for pkg in ("torch", "torchvision", "numpy", "cv2", "pycolmap", "sam2", "dust3r", "mast3r"):
         req = pkg in prof["packages"]
         it = check_package(pkg, req)
         if not req and it.status == "missing":

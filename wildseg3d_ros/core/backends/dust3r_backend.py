@@ -69,12 +69,16 @@ ALLOWED_MODEL_CLASSES = {
 
 def dust3r_module(sub: str):
     """``dust3r.<sub>`` from the first importable package of :data:`DUST3R_PACKAGES`."""
+    import contextlib
     import importlib
+    import sys
 
     errors = []
     for pkg in DUST3R_PACKAGES:
         try:
-            return importlib.import_module(f"{pkg}.{sub}")
+            # their croco module prints a RoPE notice on stdout at import: keep stdout for results
+            with contextlib.redirect_stdout(sys.stderr):
+                return importlib.import_module(f"{pkg}.{sub}")
         except ImportError as exc:
             if getattr(exc, "name", None) not in (pkg, f"{pkg}.{sub}"):
                 errors.append(f"{pkg}: {exc}")  # the package is there but one of its imports fails
