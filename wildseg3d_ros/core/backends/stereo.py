@@ -56,6 +56,11 @@ class StereoOptions:
     edge_erode_px: int = 3          # drop pixels this close to a large invalid area or a depth jump
     erode_rel_jump: float = float("inf")  # also trim at relative depth jumps above this (inf: off)
     erode_min_hole_frac: float = 0.002  # invalid areas below this share of the image are holes, not silhouettes
+    flat_std: float = 3.0           # grey-level std (3x3) below which an invalid area is a plain backdrop
+    # trim around every large invalid area (True), or only around plain (textureless) ones:
+    # True keeps fewer stray points (temple oracle IoU 0.91 vs 0.85), False more surface (the
+    # synthetic tabletop: 0.35-0.41 vs 0.44-0.52 of the pixels of a pair)
+    erode_textured_holes: bool = True
 
 
 @dataclass
@@ -186,12 +191,12 @@ def _sgbm(left: np.ndarray, right: np.ndarray, min_d: int, num_d: int, o: Stereo
     return d
 
 
-def _texture_ok(gray: np.ndarray, min_std: float) -> np.ndarray:
+def _texture_ok(gray: np.ndarray, min_std: float, win: int = 5) -> np.ndarray:
     import cv2
 
     g = gray.astype(np.float32)
-    mu = cv2.blur(g, (5, 5))
-    var = cv2.blur(g * g, (5, 5)) - mu * mu
+    mu = cv2.blur(g, (win, win))
+    var = cv2.blur(g * g, (win, win)) - mu * mu
     return np.sqrt(np.clip(var, 0, None)) >= min_std
 
 
@@ -224,12 +229,15 @@ def _edge_quality(depth: np.ndarray, rel: float) -> np.ndarray:
     return np.exp(-jump / max(rel, 1e-9))
 
 
-def _away_from_edges(depth: np.ndarray, rel: float, radius: int, min_hole_px: int = 64) -> np.ndarray:
-    """Valid pixels farther than ``radius`` px from an invalid pixel or a depth jump (relative
-    difference to a 4-neighbour above ``rel``). Block matching "fattens" foreground surfaces by
-    about half its window across depth discontinuities (the background next to an object gets
-    the object's disparity, and both views agree, so the left-right check keeps it); the
-    silhouettes of one view are interior points of others, so trimming them loses little."""
+def _away_from_edges(depth: np.ndarray, rel: float, radius: int, min_hole_px: int = 64,
+                     flat: Optional[np.ndarray] = None) -> np.ndarray:
+    """Valid pixels farther than ``radius`` px from a large invalid, textureless area (``flat``;
+    None: any invalid area) or a depth jump (relative difference to a 4-neighbour above
+    ``rel``). Block matching "fattens" a surface by about half its window into a textureless
+    background next to it (the background has no evidence of its own, both views agree, so the
+    left-right check keeps it: a halo around an object on a plain backdrop); silhouettes of one
+    view are interior points of others, so trimming them loses little. Invalid areas WITH
+    texture (occlusions, grazing surfaces) anchor their own border and are left alone."""
     import cv2
 
     ok = np.isfinite(depth)
@@ -238,10 +246,11 @@ def _away_from_edges(depth: np.ndarray, rel: float, radius: int, min_hole_px: in
     d = np.where(ok, depth, np.nan)
     # invalid areas: only large ones (background, occlusions); small holes inside a surface
     # (a few pixels the matcher or the left-right check refused) are no silhouettes
-    n, lab, stats, _ = cv2.connectedComponentsWithStats((~ok).astype(np.uint8), connectivity=4)
+    bad = ~ok if flat is None else (~ok & flat)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(bad.astype(np.uint8), connectivity=4)
     big = stats[:, cv2.CC_STAT_AREA] >= max(min_hole_px, 1)
     big[0] = False
-    edge = big[lab] & ~ok
+    edge = big[lab] & bad
     for dy, dx in ((0, 1), (1, 0)):
         a = d[: d.shape[0] - dy, : d.shape[1] - dx]
         b = d[dy:, dx:]
@@ -366,9 +375,11 @@ def pair_pointmaps(rgb_i: np.ndarray, rgb_j: np.ndarray, K_i: np.ndarray, K_j: n
     ok_l &= np.isfinite(z_l) & (d_l - off > 1e-6)
     ok_r &= np.isfinite(z_r) & (d_r - off > 1e-6)
     ok_l &= _away_from_edges(np.where(ok_l, z_l, np.nan), o.erode_rel_jump, o.edge_erode_px,
-                             int(o.erode_min_hole_frac * gi.size))
+                             int(o.erode_min_hole_frac * gi.size),
+                             None if o.erode_textured_holes else ~_texture_ok(Gi, o.flat_std, 3) & Mi)
     ok_r &= _away_from_edges(np.where(ok_r, z_r, np.nan), o.erode_rel_jump, o.edge_erode_px,
-                             int(o.erode_min_hole_frac * gi.size))
+                             int(o.erode_min_hole_frac * gi.size),
+                             None if o.erode_textured_holes else ~_texture_ok(Gj, o.flat_std, 3) & Mj)
     q_l = np.where(ok_l, np.exp(-diff_l) * _edge_quality(np.where(ok_l, z_l, np.nan), o.edge_rel_jump), 0.0)
     q_r = np.where(ok_r, np.exp(-diff_r) * _edge_quality(np.where(ok_r, z_r, np.nan), o.edge_rel_jump), 0.0)
     d_l = np.where(ok_l, d_l, np.nan)
