@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dust3r_tiny import HAVE_DUST3R, TINY_SPEC, tiny_model, write_tiny_checkpoint, write_tiny_hub_cache
+from dust3r_tiny import HAVE_DUST3R, tiny_model, write_tiny_checkpoint, write_tiny_hub_cache
 from wildseg3d_ros.core.backends import BackendError
 from wildseg3d_ros.core.backends.dust3r_backend import (load_checkpoint, parse_model_spec,
                                                          preprocess_image)

@@ -230,7 +230,7 @@ def test_offline_cli_image_folder_rgb_only(seq, tmp_path):
     out = tmp_path / "out"
     args = build_parser().parse_args(["segment", "--input", str(folder), "--backend", "sfm", "--intrinsics",
                                       f"{K[0, 0]},{K[1, 1]},{K[0, 2]},{K[1, 2]}", "--select", "uniform",
-                                      "--max-frames", "6", "--iterations", "20", "--click", f"2:10,10",
+                                      "--max-frames", "6", "--iterations", "20", "--click", "2:10,10",
                                       "--click", f"1:{u},{v}", "--out", str(out), "--quiet", "--threads", "1"])
     res = run_segment(args)
     r = json.loads((out / "result.json").read_text())

@@ -120,6 +120,7 @@ class SfmBackend(PointmapBackend):
         except TypeError as exc:
             raise BackendError(f"sfm backend: unknown option ({exc})") from exc
         self.last_sfm: Optional[SfmResult] = None
+        self._spare: List[Tuple[int, int]] = []  # usable pairs select_pairs set aside (next best first)
         self.last_info: dict = {}
 
     # ------------------------------------------------------------------------------------------
@@ -174,9 +175,9 @@ class SfmBackend(PointmapBackend):
                 kept.add(e)
                 deg[e[0]] += 1
                 deg[e[1]] += 1
-        for e in usable:
-            if e not in kept:
-                refused[e] = f"views {e[0]} and {e[1]}: not among the {self.max_pairs_per_view} best pairs per view"
+        self._spare = [e for e in sorted(usable, key=lambda e: -usable[e]) if e not in kept]
+        for e in self._spare:
+            refused[e] = f"views {e[0]} and {e[1]}: not among the {self.max_pairs_per_view} best pairs per view"
         return sorted(kept), refused
 
     @staticmethod
@@ -262,7 +263,8 @@ class SfmBackend(PointmapBackend):
         t1 = time.perf_counter()
         results = {}
         failed: Dict[Tuple[int, int], str] = dict(refused)
-        for c, (i, j) in enumerate(sel):
+
+        def stereo(i, j):
             check_cancel(cancel, "sfm backend (stereo)")
             T_ij = invert_pose(r.poses[i]) @ r.poses[j]
             shared = transform_points(invert_pose(r.poses[i]), r.shared_points(i, j))
@@ -270,14 +272,26 @@ class SfmBackend(PointmapBackend):
                 st = pair_pointmaps(imgs[i], imgs[j], r.K[i], r.K[j], T_ij, shared, self.stereo_options)
             except StereoError as e:
                 failed[(i, j)] = f"stereo on views {i} and {j} failed: {e}"
-                continue
+                return
             if min(st.info["valid_i"], st.info["valid_j"]) < 0.005:
                 failed[(i, j)] = (f"stereo on views {i} and {j} matched only {100 * st.info['valid_i']:.1f} % / "
                                   f"{100 * st.info['valid_j']:.1f} % of the pixels")
-                continue
+                return
+            failed.pop((i, j), None)
             results[(i, j)] = (st, T_ij)
-            report(progress, 0.45 + 0.5 * (c + 1) / max(len(sel), 1),
-                   f"sfm: stereo pair {c + 1}/{len(sel)} ({i}, {j})")
+
+        for c, (i, j) in enumerate(sel):
+            stereo(i, j)
+            report(progress, 0.45 + 0.5 * (c + 1) / max(len(sel), 1), f"sfm: stereo pair {c + 1}/{len(sel)} ({i}, {j})")
+        # a view left without a pair, or a pair graph in pieces (stereo refuses some geometries):
+        # the next-best pairs the per-view limit had set aside, where they help
+        for e in list(self._spare):
+            comps = _components(reg, list(results))
+            if len(comps) == 1:
+                break
+            comp_of = {v: k for k, cc in enumerate(comps) for v in cc}
+            if comp_of[e[0]] != comp_of[e[1]]:
+                stereo(*e)
         t_stereo = time.perf_counter() - t1
 
         # views in no usable pair, then the largest connected part of the pair graph
