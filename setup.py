@@ -30,6 +30,8 @@ setup(
     extras_require={
         "sam2": ["sam2>=1.0", "torchvision"],
         "bags": ["rosbags>=0.10"],
+        "sfm": ["pycolmap>=4.0"],
+        "hub": ["huggingface_hub>=0.22", "safetensors>=0.4"],
         "test": ["pytest>=7", "hypothesis>=6", "pytest-timeout>=2"],
     },
     zip_safe=False,

@@ -21,7 +21,7 @@ Run: ``.venv/bin/python benchmarks/bench_real_segmentation.py`` (about 20 s on 1
 """
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import sys
 import time
@@ -33,26 +33,23 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 
 
-def _load_helpers():
-    spec = importlib.util.spec_from_file_location("_real_seg_helpers",
-                                                  HERE.parents[1] / "test" / "test_real_segmentation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     import torch
 
     torch.set_num_threads(1)
-    H = _load_helpers()
-    if not H.SHARED_DATA.is_dir():
-        print(f"real data absent ({H.SHARED_DATA}): needs ../shared beside the repo")
+    from wildseg3d_ros.eval import real_segmentation as H
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-root", type=Path, default=HERE.parents[2] / "shared" / "data",
+                    help="folder holding middlebury_temple/ and rgbd_room/ (default ../shared/data)")
+    args = ap.parse_args()
+    if not args.data_root.is_dir():
+        print(f"real data absent ({args.data_root}): needs ../shared beside the repo")
         print(json.dumps({"skipped": True, "reason": "shared data absent"}))
         return
 
     t0 = time.perf_counter()
-    tr = H.temple_results()
+    tr = H.temple_results(args.data_root)
     temple_s = time.perf_counter() - t0
     print("middlebury_temple: one interior click per view, classical refine vs baselines")
     print(f"{'view':18s} {'click(u,v)':>12s} {'gt%':>5s} {'IoU':>6s} {'prec':>6s} {'recall':>6s} "
@@ -69,7 +66,7 @@ def main():
     print(f"projected bbox centre on the object in {n_bbox}/{len(tr)} views")
 
     t0 = time.perf_counter()
-    rr = H.room_results()
+    rr = H.room_results(args.data_root)
     room_s = time.perf_counter() - t0
     print(f"\nrgbd_room: click view {H.ROOM_CLICK[0]} (u, v) = {H.ROOM_CLICK[1:]} at {H.ROOM_SIZE}")
     for k in ("mgm", "raw_lift"):

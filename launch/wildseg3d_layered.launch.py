@@ -8,7 +8,7 @@ config/base.yaml, then config/<profile>.yaml on top, then the non-empty launch-a
       sam2_checkpoint:=$HOME/ckpt/sam2.1_hiera_base_plus.pt
   ros2 launch wildseg3d_ros wildseg3d_layered.launch.py profile:=jetson world_frame:=odom
 
-Profiles: rgbd_cpu | dust3r_sam2_gpu | jetson (files in config/). An override left empty keeps the
+Profiles: rgbd_cpu | rgb_cpu | dust3r_sam2_gpu | jetson (files in config/). An override left empty keeps the
 profile's value. `params_file:=<extra.yaml>` is loaded last (site-specific tweaks).
 The nodes start with the large-data Fast DDS profile (config/fastdds_large_data.xml, argument
 fastdds_profile:=; empty keeps the environment's): see transport_env().
@@ -17,7 +17,7 @@ layering tested) without the launch packages installed.
 """
 import os
 
-PROFILES = ("rgbd_cpu", "dust3r_sam2_gpu", "jetson")
+PROFILES = ("rgbd_cpu", "rgb_cpu", "dust3r_sam2_gpu", "jetson")
 # launch argument -> (parameter name, nodes it applies to, type)
 OVERRIDES = {
     "backend": ("backend", ("reconstruction_node",), str),
@@ -121,7 +121,7 @@ def launch_arguments():
         ("odom", "/odom", "camera pose as nav_msgs/Odometry (optional; TF is used too)"),
         ("pose", "/camera/pose", "camera pose as geometry_msgs/PoseStamped (optional)"),
         ("clicked_point", "/clicked_point", "rviz2 Publish Point topic (positive 3D prompts)"),
-        ("backend", "", "override: rgbd | dust3r"),
+        ("backend", "", "override: rgbd | sfm | dust3r"),
         ("segmenter", "", "override: classical | sam2"),
         ("device", "", "override: cpu | cuda | cuda:N"),
         ("dust3r_checkpoint", "", "override: DUSt3R/MASt3R checkpoint path"),

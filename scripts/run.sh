@@ -52,7 +52,7 @@ if [ -n "${WILDSEG3D_VENV:-}" ]; then
     || { echo "error: WILDSEG3D_VENV=$VENV is not a complete wildseg3d venv" >&2; exit 1; }
 else
   STAMP="$VENV/.wildseg3d-installed"
-  want=$(cat requirements.txt requirements-test.txt setup.py | sha256sum | cut -c1-16)
+  want=$(cat requirements.txt requirements-test.txt setup.py scripts/run.sh | sha256sum | cut -c1-16)
   if [ ! -x "$VENV/bin/python" ]; then
     PY=$(pick_python)
     echo "[setup] creating $VENV with $PY"
@@ -64,8 +64,11 @@ else
     pipq "$VENV/bin/python" -r requirements.txt -r requirements-test.txt
     # SAM2 from PyPI without compiling its optional CUDA extension (needs torch already present).
     SAM2_BUILD_CUDA=0 pipq "$VENV/bin/python" --no-build-isolation "sam2>=1.0"
+    # DUSt3R for the tests (NAVER's code, CC BY-NC-SA 4.0, non-commercial): mini-dust3r without its UI
+    # dependencies (gradio, rerun, trimesh); what its inference imports is in requirements-test.txt.
+    pipq "$VENV/bin/python" --no-deps "mini-dust3r==0.1.2"
     pipq "$VENV/bin/python" --no-deps --no-build-isolation -e .
-    "$VENV/bin/python" -c "import rclpy, torch, torchvision, cv2, skimage, scipy, rosbags, sam2, wildseg3d_ros" \
+    "$VENV/bin/python" -c "import rclpy, torch, torchvision, cv2, skimage, scipy, rosbags, sam2, pycolmap, huggingface_hub, wildseg3d_ros; import mini_dust3r.inference" \
       || { echo "error: installation incomplete (see pip output above)" >&2; exit 1; }
     echo "$want" > "$STAMP"
   fi

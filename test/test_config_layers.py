@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
 SPECS = {"reconstruction_node": {s.name: s for s in rn.PARAMS},
          "segmentation_node": {s.name: s for s in sn.PARAMS}}
-PROFILES = ("rgbd_cpu", "dust3r_sam2_gpu", "jetson")
+PROFILES = ("rgbd_cpu", "rgb_cpu", "dust3r_sam2_gpu", "jetson")
 LAYERED = ("base.yaml",) + tuple(f"{p}.yaml" for p in PROFILES)
 
 
@@ -77,6 +77,8 @@ def test_merged_profile_is_consistent(profile):
         assert KNOWN_CHECKPOINTS[ck]["config"] == rec["sam2.config"]
     if profile == "rgbd_cpu":
         assert rec["backend"] == "rgbd" and rec["segmenter"] == "geometric" and rec["device"] == "cpu"
+    if profile == "rgb_cpu":  # RGB camera, no weights
+        assert rec["backend"] == "sfm" and rec["segmenter"] == "classical" and rec["device"] == "cpu"
     if profile == "jetson":
         gpu = _merged("dust3r_sam2_gpu")["reconstruction_node"]
         assert rec["keyframes.max_keyframes"] < gpu["keyframes.max_keyframes"]

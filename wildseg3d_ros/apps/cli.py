@@ -11,7 +11,8 @@ def _demo(args) -> int:
     try:
         m = run_demo(out_dir=args.out, width=args.width, height=args.height, num_frames=args.frames,
                      seed=args.seed, target_rank=args.target, iterations=args.iterations,
-                     segmenter=args.segmenter, timeout_s=args.timeout)
+                     segmenter=args.segmenter, backend=args.backend,
+                     timeout_s=args.timeout if args.timeout else (110.0 if args.backend == "rgbd" else 300.0))
     except Exception as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
@@ -32,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", type=int, default=0, help="click the N-th largest object of keyframe 0")
     d.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
     d.add_argument("--segmenter", default="classical", choices=("classical", "sam2"))
-    d.add_argument("--timeout", type=float, default=110.0, help="seconds to wait for the scene")
+    d.add_argument("--backend", default="rgbd", choices=("rgbd", "sfm"),
+                   help="rgbd: RGB-D camera with odometry (default); sfm: the RGB-only variant (colour + camera "
+                        "info, no depth, no odometry: structure from motion + dense stereo, no weights)")
+    d.add_argument("--timeout", type=float, default=0.0,
+                   help="seconds to wait for the scene (default 110 for rgbd, 300 for sfm)")
     d.set_defaults(func=_demo)
     try:
         from .offline import add_segment_parser

@@ -7,6 +7,12 @@ segmented PointCloud2 and writes into the output folder:
   object.ply, scene.ply, montage.png, metrics.json
 metrics.json: 3D-segment IoU against ground truth projected into each keyframe, keyframe pose
 error against ground truth, reconstruction time, click-to-PointCloud2 latency.
+
+``backend='sfm'`` is the RGB-only variant: the camera publishes colour and camera info only (no
+depth is used, no odometry is published), the reconstruction node registers the keyframes by
+structure from motion and builds the pointmaps by dense stereo (no weights, CPU); the scene is
+then in the reconstruction frame at SfM scale, so poses are compared after anchoring both
+trajectories at keyframe 0 (and fitting the scale).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ def _log(msg: str):
 
 def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num_frames: int = 5,
              seed: int = 0, target_rank: int = 0, iterations: int = 500, segmenter: str = "classical",
-             timeout_s: float = 110.0, refine_clicks: int = 0) -> dict:
+             timeout_s: float = 110.0, refine_clicks: int = 0, backend: str = "rgbd") -> dict:
     import rclpy
     from geometry_msgs.msg import PointStamped
     from rclpy.executors import SingleThreadedExecutor
@@ -43,6 +49,9 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
     from ..ros.reconstruction_node import ReconstructionNode
     from ..ros.segmentation_node import SegmentationNode
 
+    if backend not in ("rgbd", "sfm"):
+        raise ValueError(f"demo backend must be 'rgbd' or 'sfm' (RGB only), got {backend!r}")
+    rgb_only = backend == "sfm"
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,17 +59,19 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
     nodes = []
     executors = []
     try:
-        _log(f"rendering the embedded scene: {num_frames} frames {width}x{height}, seed {seed}")
+        _log(f"rendering the embedded scene: {num_frames} frames {width}x{height}, seed {seed}, backend {backend}"
+             + (" (RGB + camera info only: no depth, no odometry)" if rgb_only else ""))
         cam = CameraSimNode(parameter_overrides=[
             Parameter("width", value=width), Parameter("height", value=height),
             Parameter("num_frames", value=num_frames), Parameter("seed", value=seed),
-            Parameter("rate_hz", value=4.0), Parameter("start_delay_s", value=1.5)])
+            Parameter("rate_hz", value=4.0), Parameter("start_delay_s", value=1.5),
+            Parameter("publish_odom", value=not rgb_only)])
         rec = ReconstructionNode(parameter_overrides=[
             Parameter("keyframes.reconstruct_at", value=num_frames),
             Parameter("keyframes.min_interval_s", value=0.1),
             Parameter("keyframes.max_keyframes", value=max(num_frames, 2)),
             Parameter("dga.iterations", value=iterations),
-            Parameter("segmenter", value=segmenter)])
+            Parameter("segmenter", value=segmenter), Parameter("backend", value=backend)])
         seg = SegmentationNode(parameter_overrides=[Parameter("segmenter", value=segmenter)])
         client = Node("wildseg3d_demo_client")
         nodes = [cam, rec, seg, client]
@@ -120,11 +131,17 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         frame_idx = match_frames(scene.rgb, seq.rgb)
         # the click: an object visible in the first keyframe, at its mask's most interior pixel
         gt_kf = seq.instance[frame_idx]
-        areas = {oid: int((gt_kf[0] == oid).sum()) for oid in seq.scene.object_ids}
+        # objects ranked by their reconstructed area in keyframe 0 (all of it with depth; stereo
+        # leaves holes, an object may even be missing from it)
+        rec0 = np.isfinite(scene.pts3d[0]).all(-1) & (scene.conf[0] > 0)
+        areas = {oid: int(((gt_kf[0] == oid) & rec0).sum()) for oid in seq.scene.object_ids}
         ranked = sorted(areas, key=lambda o: -areas[o])
         target = ranked[min(target_rank, len(ranked) - 1)]
         import cv2
-        m = (gt_kf[0] == target).astype(np.uint8)
+        # (on a pixel with a reconstructed point: stereo leaves some pixels without depth)
+        m = ((gt_kf[0] == target) & rec0).astype(np.uint8)
+        if not m.any():
+            raise RuntimeError(f"keyframe 0 has no reconstructed point on '{seq.scene.names[target]}'")
         dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)
         v, u = np.unravel_index(np.argmax(dist), dist.shape)
         p = scene.pts3d[0, v, u]
@@ -165,7 +182,8 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
                              gt_masks=gt_masks, titles=[f"keyframe {i}" for i in range(scene.num_views)],
                              view_from=scene.poses[0])
         metrics = {
-            "scene": {"seed": seed, "frames": num_frames, "width": width, "height": height,
+            "scene": {"seed": seed, "frames": num_frames, "width": width, "height": height, "backend": backend,
+                      "keyframes_left_out": dict(rec._scene.info.get("dropped_views") or {}) if rec._scene is not None else {},
                       "keyframes": scene.num_views, "cached_objects": int(len(scene.mask_cache.object_ids())),
                       "frame_id": scene.frame_id},
             "target": {"id": int(target), "name": seq.scene.names[target], "click_pixel": [int(u), int(v)],

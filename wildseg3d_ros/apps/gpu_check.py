@@ -64,6 +64,7 @@ MIN_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 PROFILES = {
     "rgbd_cpu": dict(packages=("torch", "numpy", "cv2"), cuda=False, sam2_ckpt=False, dust3r_ckpt=False),
+    "rgb_cpu": dict(packages=("torch", "numpy", "cv2", "pycolmap"), cuda=False, sam2_ckpt=False, dust3r_ckpt=False),
     "dust3r_sam2_gpu": dict(packages=("torch", "torchvision", "sam2", "dust3r"), cuda=True, sam2_ckpt=True,
                             dust3r_ckpt=True),
     "jetson": dict(packages=("torch", "torchvision", "sam2", "dust3r"), cuda=True, sam2_ckpt=True,
@@ -78,10 +79,13 @@ FIX = {
     "sam2": "SAM2_BUILD_CUDA=0 pip install sam2   (or with the CUDA extension: pip install sam2 on a machine "
             "with nvcc; see docs/gpu_setup.md)",
     "dust3r": "git clone --recursive https://github.com/naver/dust3r && pip install -r dust3r/requirements.txt "
-              "&& export PYTHONPATH=$PWD/dust3r:$PYTHONPATH   (licence CC BY-NC-SA 4.0, non-commercial)",
+              "&& export PYTHONPATH=$PWD/dust3r:$PYTHONPATH, or pip install --no-deps mini-dust3r==0.1.2 && "
+              "pip install einops jaxtyping beartype huggingface_hub safetensors   (licence CC BY-NC-SA 4.0, "
+              "non-commercial)",
     "mast3r": "git clone --recursive https://github.com/naver/mast3r && pip install -r mast3r/requirements.txt "
               "&& export PYTHONPATH=$PWD/mast3r:$PWD/mast3r/dust3r:$PYTHONPATH   (CC BY-NC-SA 4.0)",
     "numpy": "pip install numpy",
+    "pycolmap": "pip install pycolmap   (COLMAP's Python bindings, CPU wheels; the sfm backend)",
     "cv2": "pip install opencv-python-headless",
 }
 
@@ -119,6 +123,18 @@ def check_package(name: str, required: bool) -> Item:
     try:
         mod = importlib.import_module(name)
     except Exception as e:  # ImportError, or a broken install raising something else
+        if name == "dust3r":  # the backend falls back to mini_dust3r (PyPI packaging of NAVER's code)
+            try:
+                import contextlib
+
+                with contextlib.redirect_stdout(sys.stderr):  # it prints a RoPE notice at import
+                    mod = importlib.import_module("mini_dust3r.model")
+            except Exception:
+                mod = None
+            if mod is not None:
+                return Item(name, "ok", f"mini_dust3r {_version(mod, 'mini-dust3r')} (the dust3r clone is not "
+                            f"importable: {e}; NAVER's DUSt3R code from PyPI is used, licence CC BY-NC-SA 4.0)",
+                            "", required, {"version": _version(mod, "mini-dust3r"), "package": "mini_dust3r"})
         return Item(name, "missing", f"not importable ({type(e).__name__}: {e})", FIX.get(name, ""), required)
     where = os.path.dirname(getattr(mod, "__file__", "") or "") or "?"
     info = {"version": _version(mod, dist), "path": where}
@@ -201,6 +217,16 @@ def check_checkpoint(label: str, path: Optional[str], kind: str, required: bool,
         return Item(label, "missing", "no path given", f"download one of {urls} and pass its path "
                     f"(--{label.replace('_', '-')})", required)
     p = Path(os.path.expanduser(path))
+    if not p.exists():
+        from ..core.checkpoints import cached_checkpoint, how_to_download, hub_cache_dir, parse_hub_id
+
+        if parse_hub_id(path) is not None:  # a Hugging Face hub id: checked in the local cache only
+            cached = cached_checkpoint(path, "sam2" if kind == "sam2" else "dust3r")
+            if cached is None:
+                return Item(label, "missing", f"{path}: Hugging Face hub id not in the local cache {hub_cache_dir()}",
+                            how_to_download(path, "sam2" if kind == "sam2" else "dust3r")
+                            + " (or let the node download it on first use when online)", required)
+            p = Path(cached)
     if p.is_dir():  # save_pretrained folder (dust3r/mast3r)
         ok = (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))
         return Item(label, "ok" if ok else "bad", f"{p}: save_pretrained folder"
@@ -270,7 +296,7 @@ def run_checks(profile: str = "dust3r_sam2_gpu", device: str = "cuda", sam2_chec
                hash_files: bool = True) -> List[Item]:
     prof = PROFILES[profile]
     items = []
-    for pkg in ("torch", "torchvision", "numpy", "cv2", "sam2", "dust3r", "mast3r"):
+    for pkg in ("torch", "torchvision", "numpy", "cv2", "pycolmap", "sam2", "dust3r", "mast3r"):
         req = pkg in prof["packages"]
         it = check_package(pkg, req)
         if not req and it.status == "missing":

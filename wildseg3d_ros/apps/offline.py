@@ -5,8 +5,9 @@ folder (sorted file names; optional ``depth/`` sibling folder of 16-bit PNG/PGM 
 or a video file (OpenCV; ``--every K`` keeps one frame in K, e.g. for drone footage).
 
 It runs the same core code as the ROS nodes: keyframe selection (:class:`KeyframeBuffer`, the
-reconstruction node's policy, or uniform sampling), the pointmap backend (``rgbd`` or
-``dust3r``), the per-view segmenter and Dynamic Global Aligning
+reconstruction node's policy, or uniform sampling), the pointmap backend (``rgbd``: metric
+depth; ``sfm``: RGB only, no weights; ``dust3r``: RGB, a network checkpoint), the per-view
+segmenter and Dynamic Global Aligning
 (:class:`~wildseg3d_ros.core.pipeline.ReconstructionPipeline`), then an
 :class:`~wildseg3d_ros.core.prompts.session.InteractiveSession` (Multi-view Group Mapping)
 with the ``--click`` / ``--negative`` pixel prompts, and writes into ``--out``:
@@ -160,9 +161,10 @@ def _with_K(fr: Frame, args) -> Frame:
         fr.K = guess_K(w, h, args.hfov)
         fr.K_known = False
         if not getattr(args, "_warned_K", False):
+            how = {"dust3r": "", "sfm": "; sfm refines the focal length from it in bundle adjustment"}.get(
+                args.backend, " - metric depth needs them")
             _log(f"no intrinsics given: assuming a {args.hfov:.0f} deg horizontal field of view "
-                 f"(pass --intrinsics fx,fy,cx,cy{'' if args.backend == 'dust3r' else ' - metric depth needs them'})",
-                 args.quiet)
+                 f"(pass --intrinsics fx,fy,cx,cy{how})", args.quiet)
             args._warned_K = True
     return fr
 
@@ -184,6 +186,29 @@ def _to_network_resolution(kfs: List[Frame], size: int):
         maps.append((p.scale[0], p.scale[1], p.crop[0], p.crop[1]))
         fr.rgb, fr.K, fr.depth = p.rgb, p.K, None
     return maps
+
+
+#: a click on a pixel without a reconstructed point moves to the nearest one within this radius
+SNAP_PX = 12.0
+
+
+def _snap_to_reconstructed(valid: np.ndarray, u: float, v: float, radius: float):
+    """(u, v, moved): the click, or the nearest pixel with a reconstructed point within
+    ``radius`` px when the clicked pixel has none (backends without depth leave holes)."""
+    H, W = valid.shape
+    c, r = int(round(u)), int(round(v))
+    if not (0 <= c < W and 0 <= r < H) or valid[r, c]:
+        return u, v, False
+    r0, r1 = max(0, r - int(radius)), min(H, r + int(radius) + 1)
+    c0, c1 = max(0, c - int(radius)), min(W, c + int(radius) + 1)
+    rr, cc = np.nonzero(valid[r0:r1, c0:c1])
+    if len(rr) == 0:
+        return u, v, False
+    d2 = (rr + r0 - r) ** 2 + (cc + c0 - c) ** 2
+    k = int(np.argmin(d2))
+    if d2[k] > radius * radius:
+        return u, v, False
+    return float(cc[k] + c0), float(rr[k] + r0), True
 
 
 def run_segment(args) -> dict:
@@ -213,11 +238,13 @@ def run_segment(args) -> dict:
                 else "pass --depth-dir <folder of 16-bit depth images>" if src.kind == "image_folder"
                 else "a video has no depth")
         raise InputError(f"the input has no depth images, and the 'rgbd' backend needs metric depth: {hint}, "
-                         "or reconstruct from RGB only with --backend dust3r --checkpoint <DUSt3R/MASt3R .pth> "
+                         "or reconstruct from RGB only with --backend sfm (structure from motion + stereo, "
+                         "CPU, no weights) or --backend dust3r --checkpoint <DUSt3R/MASt3R .pth or hub id> "
                          "(see docs/gpu_setup.md)")
     if args.backend == "dust3r" and not args.checkpoint:
-        raise InputError("--backend dust3r needs --checkpoint <local DUSt3R/MASt3R .pth or save_pretrained folder> "
-                         "(weights are never downloaded; see docs/gpu_setup.md, check with `wildseg3d check-gpu`)")
+        raise InputError("--backend dust3r needs --checkpoint <local DUSt3R/MASt3R .pth, save_pretrained folder or "
+                         "Hugging Face hub id such as naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt> (see docs/gpu_setup.md, "
+                         "check with `wildseg3d check-gpu`); or use --backend sfm (no weights)")
     if args.segmenter == "sam2" and not args.sam2_checkpoint:
         raise InputError("--segmenter sam2 needs --sam2-checkpoint <sam2.1_hiera_*.pt> (see docs/gpu_setup.md)")
 
@@ -245,6 +272,10 @@ def run_segment(args) -> dict:
                     frame_id=f.frame_id, K_known=f.K_known) for i, f in enumerate(frames)]
     flat = flat_params(args)
     flat["use_pose_priors"] = have_poses and not args.ignore_poses
+    if args.backend == "sfm":  # a guessed focal is refined in bundle adjustment
+        flat["sfm.refine_intrinsics"] = bool(args.refine_intrinsics or not all(f.K_known for f in frames))
+        _log(f"sfm: intrinsics {'refined in bundle adjustment (initial guess' if flat['sfm.refine_intrinsics'] else 'fixed (calibration'}"
+             f" fx={kfs[0].K[0, 0]:.1f})", args.quiet)
     cfg = PipelineConfig.from_flat(flat)
     t = time.perf_counter()
     _log(f"building backend '{cfg.backend}' and segmenter '{cfg.segmenter}' on {cfg.device}", args.quiet)
@@ -269,6 +300,16 @@ def run_segment(args) -> dict:
     scene, rec_t = pipe.run(kfs, progress=progress, frame_id=frame_id)
     bar.close()
     timings.update({k: float(v) for k, v in rec_t.items()})
+    # keyframes the backend could not use (e.g. not registered by SfM): the scene covers the rest
+    kept = list(scene.info.get("kept_views") or range(len(kfs)))
+    dropped = dict(scene.info.get("dropped_views") or {})
+    scene_view = {k: i for i, k in enumerate(kept)}
+    for k, why in sorted(dropped.items()):
+        _log(f"view {k} (frame {frames[k].index}) left out of the reconstruction: {why}", args.quiet)
+    H_s, W_s = scene.image_shape
+    if click_maps is None and (H_s, W_s) != tuple(src_shape):  # the backend worked at a lower resolution
+        sx, sy = W_s / src_shape[1], H_s / src_shape[0]
+        click_maps = [(sx, sy, 0, 0)] * len(frames)
     _log(f"scene: {scene.num_views} views {scene.image_shape[1]}x{scene.image_shape[0]}, "
          f"{len(scene.mask_cache.object_ids())} cached objects, reconstruction {rec_t['total_s']:.2f} s", args.quiet)
 
@@ -280,18 +321,29 @@ def run_segment(args) -> dict:
     prompts = list(args.prompts or [])
     prompt_log = []
     t = time.perf_counter()
+    valid_px = scene.valid_mask()
     for pr in prompts:
-        if pr.view >= scene.num_views:
-            raise InputError(f"click on view {pr.view}, but only {scene.num_views} keyframes were selected "
-                             f"(views 0..{scene.num_views - 1}; result.json lists their source frames)")
+        if pr.view >= len(frames):
+            raise InputError(f"click on view {pr.view}, but only {len(frames)} keyframes were selected "
+                             f"(views 0..{len(frames) - 1}; result.json lists their source frames)")
+        if pr.view in dropped:
+            _log(f"click on view {pr.view} skipped: that keyframe was left out of the reconstruction "
+                 f"({dropped[pr.view]}); click on one of views {kept}", args.quiet)
+            prompt_log.append({"positive": pr.positive, "view": pr.view, "u": pr.u, "v": pr.v,
+                               "skipped": f"view {pr.view} is not in the reconstruction: {dropped[pr.view]}"})
+            continue
         u, v = pr.u, pr.v
         if click_maps is not None:  # input pixels -> network-resolution pixels
             sx, sy, left, top = click_maps[pr.view]
             u, v = (u + 0.5) * sx - 0.5 - left, (v + 0.5) * sy - 0.5 - top
+        u, v, snapped = _snap_to_reconstructed(valid_px[scene_view[pr.view]], u, v, SNAP_PX)
+        if snapped:
+            _log(f"click {pr.view}:{pr.u:g},{pr.v:g} is on a pixel without a reconstructed point (e.g. a stereo "
+                 f"hole): using the nearest reconstructed pixel ({u:.0f}, {v:.0f}) of the scene", args.quiet)
         tp = time.perf_counter()
-        res = session.add_pixel_prompt(pr.view, u, v, pr.positive)
+        res = session.add_pixel_prompt(scene_view[pr.view], u, v, pr.positive)
         prompt_log.append({"positive": pr.positive, "view": pr.view, "u": pr.u, "v": pr.v,
-                           "u_scene": round(float(u), 2), "v_scene": round(float(v), 2),
+                           "u_scene": round(float(u), 2), "v_scene": round(float(v), 2), "snapped": bool(snapped),
                            "points_after": int(res.num_points), "ms": round((time.perf_counter() - tp) * 1e3, 2)})
     timings["prompts_s"] = time.perf_counter() - t
     obj_pts, obj_rgb, obj_lab = session.combined_cloud()
@@ -305,7 +357,7 @@ def run_segment(args) -> dict:
     # the 3D segment seen from each keyframe (projected, occlusion-tested), as the demo shows it
     masks = project_segment(obj_pts, scene) if len(obj_pts) else np.zeros((V, H, W), bool)
     montage.make_montage(scene.rgb, masks, obj_pts, obj_rgb, None, None, out / "montage.png",
-                         titles=[f"view {i} (frame {f.index})" for i, f in enumerate(frames)],
+                         titles=[f"view {k} (frame {frames[k].index})" for k in kept],
                          view_from=scene.poses[0])
     timings["write_s"] = time.perf_counter() - t
     timings["wall_s"] = time.perf_counter() - t0
@@ -316,8 +368,10 @@ def run_segment(args) -> dict:
         "settings": settings,
         "prompts": prompt_log,
         "keyframes": [{"view": i, "source_frame": int(f.index), "stamp": float(f.stamp),
-                       "has_depth": f.depth is not None, "has_pose": f.pose is not None}
+                       "has_depth": f.depth is not None, "has_pose": f.pose is not None,
+                       "scene_view": scene_view.get(i), **({"left_out": dropped[i]} if i in dropped else {})}
                       for i, f in enumerate(frames)],
+        "views_left_out": {str(k): v for k, v in sorted(dropped.items())},
         "selection": sel_stats,
         "source_image_size": [int(src_shape[1]), int(src_shape[0])],
         "scene_image_size": [int(W), int(H)],
@@ -383,6 +437,8 @@ def flat_params(args) -> dict:
         "device": args.device, "dga.iterations": args.iterations, "dga.weighting": args.weighting,
         "dust3r.checkpoint": args.checkpoint or "", "dust3r.image_size": args.image_size,
         "dust3r.batch_size": args.batch_size, "sam2.config": args.sam2_config,
+        "sfm.refine_intrinsics": bool(args.refine_intrinsics), "sfm.max_pairs_per_view": args.sfm_pairs_per_view,
+        "sfm.max_image_size": args.sfm_max_size,
         "sam2.checkpoint": args.sam2_checkpoint or "", "sam2.points_per_side": args.points_per_side,
         "use_pose_priors": not args.ignore_poses,
         "keyframes.min_interval_s": args.min_interval, "keyframes.min_translation_m": args.min_translation,
@@ -402,7 +458,7 @@ input kinds:
   image folder: sorted image files, or color/ (rgb/, images/) + depth/ sub-folders; depth paired
       by file stem or by order; integer depth x --depth-scale (default 0.001 = millimetres).
   video file: OpenCV; --every K keeps one frame in K (aerial/drone footage: e.g. --every 15
-      on 30 fps, --backend dust3r; the camera must move between kept frames).
+      on 30 fps, --backend sfm or dust3r; the camera must move between kept frames).
 
 views and clicks:
   Keyframes are numbered 0..N-1 in time order ("views"); result.json lists the source frame of
@@ -414,6 +470,7 @@ views and clicks:
 examples:
   wildseg3d segment --input room.mcap --depth-topic /camera/depth/image_raw --click 0:320,240 --out out
   wildseg3d segment --input frames/ --depth-dir depth/ --intrinsics 518,519,325.5,253.5 --click 2:300,200 --out out
+  wildseg3d segment --input photos/ --backend sfm --intrinsics 1520.4,1525.9,302.3,246.9 --click 0:300,240 --out out
   wildseg3d segment --input flight.mp4 --every 15 --max-frames 8 --backend dust3r \\
       --checkpoint ckpt/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth --device cuda --click 0:640,360 --out out
 
@@ -467,9 +524,18 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     k.add_argument("--min-flow", type=float, default=20.0, help="keyframes: min image motion (px) without poses")
     k.add_argument("--min-sharpness", type=float, default=15.0, help="keyframes: min variance of Laplacian")
     m = s.add_argument_group("models")
-    m.add_argument("--backend", choices=("rgbd", "dust3r"), default="rgbd",
-                   help="pointmaps from metric depth (rgbd, CPU) or from RGB with DUSt3R/MASt3R (default rgbd)")
-    m.add_argument("--checkpoint", help="dust3r: local DUSt3R/MASt3R checkpoint (.pth or save_pretrained folder)")
+    m.add_argument("--backend", choices=("rgbd", "sfm", "dust3r"), default="rgbd",
+                   help="pointmaps from metric depth (rgbd, CPU), from RGB only by structure from motion + dense "
+                        "stereo (sfm, CPU, no weights) or from RGB with DUSt3R/MASt3R (dust3r) (default rgbd)")
+    m.add_argument("--checkpoint", help="dust3r: DUSt3R/MASt3R checkpoint: .pth file, save_pretrained folder or "
+                                        "Hugging Face hub id (e.g. naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt; "
+                                        "taken from the local hub cache, downloaded when online)")
+    m.add_argument("--refine-intrinsics", action="store_true",
+                   help="sfm: refine the focal length in bundle adjustment even when intrinsics are given "
+                        "(always done when none are known)")
+    m.add_argument("--sfm-pairs-per-view", type=int, default=3, help="sfm: dense stereo pairs per keyframe")
+    m.add_argument("--sfm-max-size", type=int, default=1024,
+                   help="sfm: downscale keyframes to this long side first (0: full resolution)")
     m.add_argument("--image-size", type=int, choices=(224, 512), default=512, help="dust3r: network input size")
     m.add_argument("--batch-size", type=int, default=4, help="dust3r: pairs per forward pass")
     m.add_argument("--scene-graph", default="complete", help="pair graph: complete | swin-<k> | oneref-<k>")
@@ -477,7 +543,8 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
                    help="mask-cache segmenter: geometric (CPU, no weights; RGB-D clutter: support planes, "
                         "depth discontinuities, convexity), classical (CPU, no weights; colour + geometry) or "
                         "sam2; auto (default): geometric with metric depth (rgbd), classical otherwise")
-    m.add_argument("--sam2-checkpoint", help="sam2: checkpoint .pt (e.g. sam2.1_hiera_tiny.pt)")
+    m.add_argument("--sam2-checkpoint", help="sam2: checkpoint .pt (e.g. sam2.1_hiera_tiny.pt) or Hugging Face hub "
+                                             "id (e.g. facebook/sam2.1-hiera-tiny)")
     m.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml",
                    help="sam2: config name inside the sam2 package matching the checkpoint")
     m.add_argument("--points-per-side", type=int, default=16, help="sam2: automatic mask generator grid")

@@ -302,7 +302,7 @@ def object_table(labels: np.ndarray, pts3d: Optional[np.ndarray] = None,
         sel = l > 0
         l, p = l[sel], p[sel]
         if l.size:
-            n = int(l.max()) + 1
+            n = max(int(l.max()), max(table, default=0)) + 1  # objects seen only on invalid pixels: no geometry
             cnt = np.bincount(l, minlength=n)
             cen = np.stack([np.bincount(l, weights=p[:, k], minlength=n) for k in range(3)], 1)
             cen /= np.maximum(cnt, 1)[:, None]

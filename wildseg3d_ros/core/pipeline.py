@@ -8,6 +8,7 @@ the classical segmenter) into the mask cache with global object ids.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
@@ -18,6 +19,8 @@ from .config import PipelineConfig, resolve_segmenter
 from .errors import AlignmentError, PipelineError, check_cancel
 from .align.world_frame import express_in_world
 from .types import Keyframe
+
+_log = logging.getLogger(__name__)
 
 
 class ReconstructionPipeline:
@@ -30,6 +33,7 @@ class ReconstructionPipeline:
         if cfg.segmenter == "auto":
             cfg = replace(cfg, segmenter=resolve_segmenter("auto", BACKENDS.entry(cfg.backend).metric))
         self.cfg = cfg
+        self._presegment_geometry = BACKENDS.entry(cfg.backend).presegment_geometry
         self.backend = BACKENDS.create(cfg.backend, **_with_device(BACKENDS, cfg.backend, cfg.backend_kwargs, cfg.device))
         self.segmenter = SEGMENTERS.create(cfg.segmenter, **_with_device(SEGMENTERS, cfg.segmenter,
                                                                           cfg.segmenter_kwargs, cfg.device))
@@ -59,6 +63,8 @@ class ReconstructionPipeline:
         preds = self.backend.predict_pairs(inner, pairs, cancel=cancel)
         t["pointmaps_s"] = time.perf_counter() - t0
         check_cancel(cancel, "reconstruction")
+        kept, dropped = self._covered_views(len(kfs), preds)
+        kfs, inner = [kfs[v] for v in kept], [inner[v] for v in kept]
 
         # per-view pre-segmentation (camera-frame pointmaps help the classical segmenter)
         t1 = time.perf_counter()
@@ -66,6 +72,8 @@ class ReconstructionPipeline:
         cam_pts = preds.camera_pointmaps()
         rgb = self._images_at_pointmap_size(kfs, preds, cam_pts)
         local = []
+        if not self._presegment_geometry:  # e.g. stereo pointmaps: masks by colour (fused in 3D below)
+            cam_pts = [(None, None)] * len(kfs)
         for v in range(len(kfs)):  # one cancel check per view (a view can take seconds at 640x480)
             check_cancel(cancel, "reconstruction")
             local.append(self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1]))
@@ -77,15 +85,20 @@ class ReconstructionPipeline:
         # DGA
         t2 = time.perf_counter()
         say("alignment", 0.5)
-        priors = None
-        if cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in inner):
+        priors, prior_w = None, cfg.pose_prior_weight
+        if preds.known_poses is not None:
+            # the backend estimated the poses itself (e.g. SfM bundle adjustment): the aligner
+            # keeps them with the intrinsics they were estimated with; odometry / TF only place
+            # the result in the world frame afterwards
+            priors, prior_w = np.asarray(preds.known_poses, np.float64), float(preds.known_poses_weight)
+        elif cfg.pose_prior_weight > 0 and all(kf.pose_prior is not None for kf in inner):
             priors = np.stack([kf.pose_prior for kf in inner])
         try:
             # known intrinsics stay fixed: metric pointmaps were made with them, and a network's
             # pointmaps are best read with the camera's real focal and principal point
             scene = align_global(preds, num_views=len(kfs), soft_masks=soft, known_poses=priors,
                                  known_focals=preds.intrinsics,
-                                 pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
+                                 pose_prior_weight=prior_w if priors is not None else 0.0,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
                                  device=cfg.device, cancel=cancel)
@@ -97,8 +110,11 @@ class ReconstructionPipeline:
         scene.rgb = rgb
         scene.frame_id = frame_id
         scene.stamps = np.array([kf.stamp for kf in kfs], dtype=np.float64)
-        # metric depth: only a rigid transform to the pose priors, never a rescale to drifting odometry
-        scene.metric = scene.metric or preds.metric
+        # metric depth: only a rigid transform to the pose priors, never a rescale to drifting
+        # odometry; poses from the backend carry its own (arbitrary) scale
+        scene.metric = preds.metric if preds.known_poses is not None else (scene.metric or preds.metric)
+        scene.info["kept_views"] = kept
+        scene.info["dropped_views"] = dropped
         fit = express_in_world(scene, [kf.pose_prior for kf in kfs])
         scene.info["world_fit"] = {"mode": fit.mode, "used": fit.used, "outliers": fit.outliers,
                                    "scale": fit.s, "scaled": fit.scaled, "rot_err_deg": fit.rot_err_deg,
@@ -108,11 +124,28 @@ class ReconstructionPipeline:
         t3 = time.perf_counter()
         say("mask cache", 0.8)
         valid = scene.valid_mask()
-        scene.mask_cache = self.segmenter.build_mask_cache(rgb, scene.pts3d, valid, cancel=cancel)
+        scene.mask_cache = self.segmenter.build_mask_cache(rgb, scene.pts3d, valid, cancel=cancel, local=local)
         t["mask_cache_s"] = time.perf_counter() - t3
         t["total_s"] = time.perf_counter() - t0
         say("done", 1.0)
         return scene, t
+
+    def _covered_views(self, n: int, preds):
+        """(positions of the keyframes the predictions cover, {left-out position: reason}). A
+        backend that cannot use some keyframes predicts the others only (``preds.views``); the
+        reconstruction continues with those when at least 2 remain."""
+        if preds.views is None:
+            return list(range(n)), {}
+        views = [int(v) for v in preds.views]
+        if len(views) < 2 or len(set(views)) != len(views) or not all(0 <= v < n for v in views):
+            raise PipelineError(f"backend '{self.cfg.backend}' kept keyframes {views} of {n}: "
+                                "a reconstruction needs at least 2 distinct ones")
+        dropped = {int(k): str(m) for k, m in preds.dropped_views.items()}
+        dropped.update({v: "left out by the backend" for v in range(n) if v not in views and v not in dropped})
+        if dropped:
+            _log.warning("reconstructing %d of %d keyframes; left out: %s", len(views), n,
+                         "; ".join(f"keyframe {v}: {m}" for v, m in sorted(dropped.items())))
+        return views, dropped
 
     @staticmethod
     def _images_at_pointmap_size(kfs, preds, cam_pts) -> np.ndarray:

@@ -21,6 +21,10 @@ class Entry:
     params: Mapping[str, str] = field(default_factory=dict)  # flat name -> constructor keyword
     uses_device: bool = False
     metric: bool = False   # backends: pointmaps in metres (depth cameras)
+    #: backends: per-view pointmaps dense and clean enough for geometric pre-segmentation (cuts
+    #: at depth jumps and creases); False (two-view stereo: holes, noise) = segment by colour,
+    #: associate the masks across views in 3D
+    presegment_geometry: bool = True
     import_hint: str = ""  # appended to the error when the module cannot be imported
 
 

@@ -130,6 +130,13 @@ class PairwisePredictions:
     are in metres (depth cameras), False when each pair has its own unknown scale (networks,
     two-view stereo). ``info`` carries backend diagnostics (registrations, timings, ...).
 
+    A backend that cannot use every keyframe (e.g. SfM could not register some) predicts the
+    others only, numbered 0..V'-1: ``views`` lists their positions in the keyframe list it was
+    given and ``dropped_views`` says why each other one was left out. A backend that estimates
+    camera poses itself (bundle adjustment) passes them as ``known_poses`` (V', 4, 4)
+    camera-to-world in the predictions' frame, with the weight the aligner should give them
+    (``inf``: keep them fixed) in ``known_poses_weight``.
+
     DUSt3R's ``inference()`` dict converts with :meth:`from_dust3r` / :meth:`to_dust3r`.
     """
 
@@ -143,6 +150,10 @@ class PairwisePredictions:
     intrinsics: Optional[np.ndarray] = None
     metric: bool = False
     info: Dict[str, Any] = field(default_factory=dict)
+    views: Optional[List[int]] = None
+    dropped_views: Dict[int, str] = field(default_factory=dict)
+    known_poses: Optional[np.ndarray] = None
+    known_poses_weight: float = float("inf")
 
     def __post_init__(self):
         self.idx1 = [int(i) for i in _as_flat_list(self.idx1)]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.geometry import pose_from_xyz_quat
 
-__all__ = ["RealData", "load_llff_fern", "load_middlebury_temple", "load_rgbd_room", "resize_data"]
+__all__ = ["RealData", "load_llff_fern", "load_middlebury_temple", "load_rgbd_room", "resize_data", "temple_pseudo_gt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +91,18 @@ def load_middlebury_temple(root) -> RealData:
     if not all(np.allclose(k, Ks[0]) for k in Ks):
         raise ValueError("templeSR_par.txt: views have different intrinsics (not supported)")
     return RealData(rgb, None, Ks[0], np.stack(poses), names)
+
+
+def temple_pseudo_gt(rgb: np.ndarray) -> np.ndarray:
+    """Pseudo ground-truth mask of the Middlebury temple (``shared/README.md``): luminance > 45,
+    the largest 4-connected component, holes kept (the temple has see-through gaps)."""
+    from scipy import ndimage
+
+    lum = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    lab, n = ndimage.label(lum > 45)
+    if n == 0:
+        return np.zeros(lum.shape, bool)
+    return lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
 
 
 def load_rgbd_room(root) -> RealData:

@@ -3,7 +3,7 @@ keyframes (with a visibility test against each keyframe's own pointmap) and scor
 ground-truth masks."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -56,6 +56,20 @@ def project_segment(points: np.ndarray, scene: AlignedScene, rel_tol: float = 0.
     depth = np.stack([transform_points(invert_pose(scene.poses[v]), scene.pts3d[v].astype(np.float64))[..., 2]
                       for v in range(V)])
     return project_to_views(points, np.asarray(scene.K), np.asarray(scene.poses), depth, rel_tol, abs_tol, close_px)
+
+
+def interior_click(mask: np.ndarray) -> Optional[Tuple[float, float]]:
+    """(u, v) of the most interior pixel of a bool mask (max of its distance transform; the
+    image border counts as outside): where a user clicks "in the middle of the object"; None
+    for an empty mask."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return None
+    d = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(c), float(r)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

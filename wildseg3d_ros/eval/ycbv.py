@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
+from .metrics import interior_click, mask_iou  # noqa: F401  (re-exported for the protocol)
 from ..core.geometry import invert_pose, rotation_angle_deg, transform_points
 
 __all__ = ["TabletopVideo", "load_video", "list_videos", "interior_click", "project_to_frames",
@@ -118,23 +119,6 @@ def uniform_indices(n: int, k: int) -> List[int]:
     if n <= k:
         return list(range(n))
     return sorted(set(int(round(x)) for x in np.linspace(0, n - 1, k)))
-
-
-def interior_click(mask: np.ndarray) -> Optional[Tuple[float, float]]:
-    """(u, v) of the most interior pixel of a bool mask (max of its distance transform; the
-    image border counts as outside), or None for an empty mask."""
-    m = np.asarray(mask, bool)
-    if not m.any():
-        return None
-    d = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(d)), d.shape)
-    return float(c), float(r)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    inter = np.logical_and(a, b).sum()
-    union = np.logical_or(a, b).sum()
-    return float(inter / union) if union else 1.0
 
 
 def project_to_frames(points: np.ndarray, K: np.ndarray, poses: np.ndarray, depth: np.ndarray,

@@ -178,9 +178,15 @@ class ReconstructionNode(ReconstructionJobMixin, SceneOutputMixin, NodeCommonMix
             backend_status = "ready"
         else:
             backend_status = "loading"
+        scene = self._scene
+        dropped = dict(scene.info.get("dropped_views") or {}) if scene is not None else {}  # left out by the backend
         kv = {"backend": p["backend"], "segmenter": p["segmenter"], "device": p["device"],
               "backend_status": backend_status,
-              "model": (p["dust3r.checkpoint"] if p["backend"] == "dust3r" else "none (rgbd: depth + features)")
+              "model": (p["dust3r.checkpoint"] if p["backend"] == "dust3r" else
+                        "none (sfm: pycolmap structure from motion + OpenCV SGBM stereo)" if p["backend"] == "sfm"
+                        else "none (rgbd: depth + features)")
+              + (f"; last reconstruction left out keyframes {sorted(dropped)}: "
+                 + "; ".join(f"{k}: {m}" for k, m in sorted(dropped.items()))[:400] if dropped else "")
               + (f"; sam2 {p['sam2.checkpoint']}" if p["segmenter"] == "sam2" else ""),
               "buffer_fill": f"{len(self._buffer)}/{p['keyframes.max_keyframes']}",
               "reconstruction_running": str(running),

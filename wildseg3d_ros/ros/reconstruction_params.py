@@ -42,8 +42,17 @@ PARAMS = [
     ParamSpec("keyframes.max_keyframes", 8, "Bounded keyframe buffer size.", 2, 64),
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
               "many new keyframes (0: only on ~/reconstruct).", 0, 64),
-    ParamSpec("backend", "rgbd", "Pointmap backend.", choices=("rgbd", "dust3r")),
-    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint (.pth file or save_pretrained folder).",
+    ParamSpec("backend", "rgbd", "Pointmap backend: rgbd (depth camera), sfm (RGB only, no weights: "
+              "structure from motion + stereo, CPU) or dust3r (RGB, network checkpoint).",
+              choices=("rgbd", "sfm", "dust3r")),
+    ParamSpec("sfm.refine_intrinsics", False, "sfm: refine the focal length in bundle adjustment "
+              "(CameraInfo only approximate) instead of trusting the calibration."),
+    ParamSpec("sfm.max_pairs_per_view", 3, "sfm: dense stereo pairs kept per keyframe (best by shared "
+              "points and triangulation angle).", 1, 16),
+    ParamSpec("sfm.max_image_size", 1024, "sfm: keyframes are downscaled to this long side first "
+              "(0: full resolution).", 0, 8192),
+    ParamSpec("dust3r.checkpoint", "", "DUSt3R/MASt3R checkpoint: .pth file, save_pretrained folder or "
+              "Hugging Face hub id (resolved through the local hub cache; HF_HUB_OFFLINE honoured).",
               check=check_file_param),
     ParamSpec("dust3r.image_size", 512, "DUSt3R input size (512 or 224).", 224, 512),
     ParamSpec("dust3r.batch_size", 4, "Pairs per inference batch.", 1, 64),

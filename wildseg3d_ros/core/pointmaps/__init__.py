@@ -4,6 +4,8 @@ Create one by name with :func:`make_backend`:
 
 * ``"rgbd"``   -> :class:`~wildseg3d_ros.core.pointmaps.rgbd.RgbdBackend` (metric depth; CPU;
   pairwise poses by feature matching + RANSAC PnP + point-to-plane ICP);
+* ``"sfm"``    -> :class:`~wildseg3d_ros.core.pointmaps.sfm.SfmBackend` (RGB only, no weights; CPU;
+  pycolmap structure from motion + OpenCV SGBM pairwise stereo);
 * ``"dust3r"`` -> :class:`~wildseg3d_ros.core.pointmaps.dust3r.Dust3rBackend` (the
   ``dust3r`` / ``mast3r`` packages, cloned by the user; licence CC BY-NC-SA 4.0); imported lazily.
 """
@@ -18,6 +20,9 @@ __all__ = ["BACKENDS", "BackendError", "PointmapBackend", "make_pairs", "make_ba
 _D3 = {"dust3r.checkpoint": "model", "dust3r.image_size": "image_size", "dust3r.batch_size": "batch_size"}
 BACKENDS = Registry("reconstruction backend", BackendError, {
     "rgbd": Entry("wildseg3d_ros.core.pointmaps.rgbd", "RgbdBackend", metric=True),
+    "sfm": Entry("wildseg3d_ros.core.pointmaps.sfm", "SfmBackend",
+                 {"sfm.refine_intrinsics": "refine_intrinsics", "sfm.max_pairs_per_view": "max_pairs_per_view",
+                  "sfm.max_image_size": "max_image_size"}, uses_device=True, presegment_geometry=False),
     "dust3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
     "mast3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
 })
@@ -28,5 +33,5 @@ def available_backends():
 
 
 def make_backend(name: str, **kw) -> PointmapBackend:
-    """Instantiate the backend ``name`` (``rgbd`` | ``dust3r`` | ``mast3r``) with keyword options."""
+    """Instantiate the backend ``name`` (``rgbd`` | ``sfm`` | ``dust3r`` | ``mast3r``) with keyword options."""
     return BACKENDS.create(name, **kw)

@@ -1,18 +1,24 @@
 """DUSt3R / MASt3R reconstruction backend (pairwise pointmaps from a pretrained network).
 
-Uses the upstream packages when they are importable; they are **not** on PyPI and are licensed
-CC BY-NC-SA 4.0 (non-commercial).  Install::
+Uses NAVER's code when it is importable, licensed CC BY-NC-SA 4.0 (non-commercial): the
+``dust3r`` package of the cloned repository first, else ``mini_dust3r`` (PyPI ``mini-dust3r``, a
+packaging of the same DUSt3R code with the same module layout)::
 
     git clone --recursive https://github.com/naver/dust3r      # (and/or naver/mast3r)
     pip install -r dust3r/requirements.txt
     export PYTHONPATH=$PWD/dust3r:$PYTHONPATH                  # mast3r: $PWD/mast3r too
+    # or, DUSt3R only, without its UI dependencies (gradio, rerun):
+    pip install --no-deps mini-dust3r==0.1.2 && pip install einops jaxtyping beartype huggingface_hub safetensors
 
 Nothing of their code is vendored here; this module calls their public API:
 ``dust3r.model.AsymmetricCroCo3DStereo`` (or ``mast3r.model.AsymmetricMASt3R``),
-``dust3r.image_pairs.make_pairs`` and ``dust3r.inference.inference``.
+``dust3r.image_pairs.make_pairs``, ``dust3r.inference.inference`` and
+``dust3r.utils.device.collate_with_cat`` (``mini_dust3r.*`` mirror them).
 
-Checkpoints are **local only** (never downloaded): a ``.pth`` file as released by NAVER, or a
-``save_pretrained`` folder.  ``.pth`` files store an ``argparse.Namespace`` (``ckpt['args']``)
+Checkpoints: a ``.pth`` file as released by NAVER, a ``save_pretrained`` folder, or a Hugging
+Face hub id (``naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt``) resolved through the local hub
+cache by :func:`wildseg3d_ros.core.checkpoints.resolve_checkpoint` (downloaded into it when
+online; ``HF_HUB_OFFLINE=1`` honoured).  ``.pth`` files store an ``argparse.Namespace`` (``ckpt['args']``)
 whose ``model`` string is a constructor call such as ``AsymmetricCroCo3DStereo(enc_depth=24, ...)``.
 Upstream ``load_model`` ``eval()``s that string after an unrestricted unpickling; here the file is
 read with ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed, and
@@ -46,14 +52,39 @@ from .base import Pair, PointmapBackend
 
 INSTALL_HINT = ("clone it and put it on PYTHONPATH: git clone --recursive https://github.com/naver/dust3r; "
                 "pip install -r dust3r/requirements.txt; export PYTHONPATH=/path/to/dust3r:$PYTHONPATH "
-                "(MASt3R: the same with https://github.com/naver/mast3r). Licence: CC BY-NC-SA 4.0 "
-                "(non-commercial use only)")
+                "(MASt3R: the same with https://github.com/naver/mast3r), or for DUSt3R: pip install --no-deps "
+                "mini-dust3r==0.1.2 && pip install einops jaxtyping beartype huggingface_hub safetensors. "
+                "Licence: CC BY-NC-SA 4.0 (non-commercial use only)")
 
-#: classes a checkpoint's ``args.model`` string may construct -> (module, class)
+#: packages providing DUSt3R's modules, in the order they are tried
+DUST3R_PACKAGES = ("dust3r", "mini_dust3r")
+
+#: classes a checkpoint's ``args.model`` string may construct -> (module, class); ``dust3r.*``
+#: modules are looked up in :data:`DUST3R_PACKAGES` order
 ALLOWED_MODEL_CLASSES = {
     "AsymmetricCroCo3DStereo": ("dust3r.model", "AsymmetricCroCo3DStereo"),
     "AsymmetricMASt3R": ("mast3r.model", "AsymmetricMASt3R"),
 }
+
+
+def dust3r_module(sub: str):
+    """``dust3r.<sub>`` from the first importable package of :data:`DUST3R_PACKAGES`."""
+    import contextlib
+    import importlib
+    import sys
+
+    errors = []
+    for pkg in DUST3R_PACKAGES:
+        try:
+            # their croco module prints a RoPE notice on stdout at import: keep stdout for results
+            with contextlib.redirect_stdout(sys.stderr):
+                return importlib.import_module(f"{pkg}.{sub}")
+        except ImportError as exc:
+            if getattr(exc, "name", None) not in (pkg, f"{pkg}.{sub}"):
+                errors.append(f"{pkg}: {exc}")  # the package is there but one of its imports fails
+                continue
+            errors.append(f"{pkg}: not installed")
+    raise BackendError(f"no DUSt3R implementation is importable ({'; '.join(errors)}); {INSTALL_HINT}")
 _LITERAL_NAMES = {"inf": math.inf, "nan": math.nan, "true": True, "false": False, "none": None}
 
 
@@ -136,6 +167,8 @@ def load_checkpoint(path: str) -> Tuple[str, dict, dict]:
 
 def _import_model_class(name: str):
     mod_name, cls_name = ALLOWED_MODEL_CLASSES[name]
+    if mod_name.startswith("dust3r."):
+        return getattr(dust3r_module(mod_name.split(".", 1)[1]), cls_name)
     try:
         mod = __import__(mod_name, fromlist=[cls_name])
     except ImportError as exc:
@@ -145,20 +178,16 @@ def _import_model_class(name: str):
 
 
 def _require_dust3r():
-    try:
-        import dust3r.image_pairs  # noqa: F401
-        import dust3r.inference  # noqa: F401
-        import dust3r.utils.device  # noqa: F401
-    except ImportError as exc:
-        raise BackendError(f"the 'dust3r' package is not importable ({exc}); {INSTALL_HINT}") from exc
+    for sub in ("image_pairs", "inference", "utils.device"):
+        dust3r_module(sub)
 
 
 def load_model(path: str, model_class: str = "auto"):
-    """Build a model from a local ``.pth`` checkpoint or ``save_pretrained`` folder (no download)."""
-    if not os.path.exists(path):
-        raise BackendError(f"model {path!r} is not an existing local file or folder; this backend never "
-                           "downloads weights: download a checkpoint (e.g. DUSt3R_ViTLarge_BaseDecoder_512_dpt"
-                           ".pth from the dust3r README) and pass its path")
+    """Build a model from a ``.pth`` checkpoint, a ``save_pretrained`` folder or a Hugging Face hub
+    id (resolved through the local hub cache, see :mod:`wildseg3d_ros.core.checkpoints`)."""
+    from ..checkpoints import resolve_checkpoint
+
+    path = resolve_checkpoint(path, "dust3r", error=BackendError)
     if os.path.isfile(path):
         name, kwargs, state = load_checkpoint(path)
         cls = _import_model_class(name)
@@ -272,15 +301,13 @@ class Dust3rBackend(PointmapBackend):
     def __init__(self, model=None, model_class: str = "auto", image_size: int = 512,
                  device: str = "auto", batch_size: int = 8, scene_graph: str = "complete",
                  square_ok: bool = False, chunk_pairs: int = 32, verbose: bool = False):
-        if model is None:
-            raise BackendError("dust3r backend needs a model: the path of a local .pth checkpoint or "
-                               "save_pretrained folder (weights are never downloaded)")
+        if model is None or (isinstance(model, str) and not model.strip()):
+            raise BackendError("dust3r backend needs a model: a local .pth checkpoint, a save_pretrained folder or "
+                               "a Hugging Face hub id (e.g. naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt)")
         if isinstance(model, (str, os.PathLike)):
-            model = os.path.expanduser(str(model))
-            if not os.path.exists(model):
-                raise BackendError(f"model {model!r} is not an existing local file or folder; this backend "
-                                   "never downloads weights (hub names are refused): download the checkpoint "
-                                   "and pass its path")
+            from ..checkpoints import resolve_checkpoint
+
+            model = resolve_checkpoint(str(model), "dust3r", error=BackendError)  # hub id -> cached path
         _require_dust3r()
         self._model_src = model
         self._model = None if isinstance(model, str) else model
@@ -319,8 +346,8 @@ class Dust3rBackend(PointmapBackend):
 
     # -- inference ---------------------------------------------------------------------------
     def _run(self, image_pairs, model, device, cancel, progress):
-        from dust3r.inference import inference
-        from dust3r.utils.device import collate_with_cat
+        inference = dust3r_module("inference").inference
+        collate_with_cat = dust3r_module("utils.device").collate_with_cat
 
         chunk = max(self.chunk_pairs, self.batch_size)
         results = []
@@ -356,7 +383,7 @@ class Dust3rBackend(PointmapBackend):
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
                       progress: Optional[ProgressFn] = None,
                       cancel: Optional[CancelFn] = None) -> PairwisePredictions:
-        from dust3r.image_pairs import make_pairs as d3_make_pairs
+        d3_make_pairs = dust3r_module("image_pairs").make_pairs
 
         kfs = list(keyframes)
         n = len(kfs)

@@ -70,10 +70,12 @@ class Segmenter(abc.ABC):
 
     def build_mask_cache(self, rgb: np.ndarray, pts3d: np.ndarray, valid: np.ndarray,
                          progress: Optional[ProgressFn] = None,
-                         cancel: Optional[CancelFn] = None) -> MaskCache:
+                         cancel: Optional[CancelFn] = None, local: Optional[np.ndarray] = None) -> MaskCache:
         """rgb (V,H,W,3), pts3d (V,H,W,3) world, valid (V,H,W) -> MaskCache with global ids
-        consistent across views + soft masks S. Default: :meth:`automatic_masks` per view,
-        associated across views by 3D overlap (segmenters that track, like SAM2, override it)."""
+        consistent across views + soft masks S. Default: the per-view masks ``local`` (V,H,W)
+        (the pre-segmentation the pipeline already made; :meth:`automatic_masks` per view when
+        None), associated across views by 3D overlap. Segmenters that track across views (SAM2)
+        override it."""
         from ..mask_cache import associate_masks_3d, make_mask_cache
 
         rgb = np.asarray(rgb)
@@ -83,11 +85,16 @@ class Segmenter(abc.ABC):
             raise SegmenterError(f"shape mismatch: rgb {rgb.shape}, pts3d {pts3d.shape}, "
                                  f"valid {valid.shape} (expected V,H,W,3 / V,H,W,3 / V,H,W)")
         V = rgb.shape[0]
-        local = np.zeros(rgb.shape[:3], np.int32)
-        for v in range(V):
-            check_cancel(cancel, "segmentation")
-            report(progress, v / (V + 1), f"{self.name} masks view {v + 1}/{V}")
-            local[v] = self.automatic_masks(rgb[v], pts3d[v], valid[v])
+        if local is not None:
+            local = np.asarray(local, np.int32)
+            if local.shape != rgb.shape[:3]:
+                raise SegmenterError(f"per-view masks {local.shape} != images {rgb.shape[:3]}")
+        else:
+            local = np.zeros(rgb.shape[:3], np.int32)
+            for v in range(V):
+                check_cancel(cancel, "segmentation")
+                report(progress, v / (V + 1), f"{self.name} masks view {v + 1}/{V}")
+                local[v] = self.automatic_masks(rgb[v], pts3d[v], valid[v])
         check_cancel(cancel, "segmentation")
         report(progress, V / (V + 1), "associating masks across views")
         glob = associate_masks_3d(local, pts3d, valid, voxel=self.voxel, min_overlap=self.min_overlap)

@@ -16,9 +16,12 @@
   ``multimask_output=False``.
 
 One model (built with ``build_sam2_video_predictor``) serves the image predictor, the automatic
-mask generator and the video predictor.  Nothing is ever downloaded: a missing package or
-checkpoint raises one :class:`~wildseg3d_ros.core.presegment.base.SegmenterError` saying what to
-install or where to put the file.  ``random_init=True`` (CI/tests only) builds the real
+mask generator and the video predictor.  ``checkpoint`` is a local ``.pt`` or a Hugging Face
+hub id (``facebook/sam2.1-hiera-tiny``) resolved through the local hub cache
+(:mod:`wildseg3d_ros.core.checkpoints`; downloaded into it only when online and
+``HF_HUB_OFFLINE`` is not set); a missing package or checkpoint raises one
+:class:`~wildseg3d_ros.core.errors.SegmenterError` saying what to install or where to put
+the file.  ``random_init=True`` (CI/tests only) builds the real
 architecture from the package's config with seeded random weights instead of loading a
 checkpoint.  ``image_size`` overrides the model's input resolution (multiple of 32; default: the
 config's 1024) which makes CPU runs on small images cheap.
@@ -213,6 +216,16 @@ class Sam2Segmenter(Segmenter):
             raise SegmenterError(
                 f"unknown SAM2 config {self.config!r}; the installed sam2 package provides: "
                 f"{', '.join(_available_configs())}")
+        if not self.random_init and self.checkpoint is not None and not os.path.exists(self.checkpoint):
+            from ..checkpoints import SAM2_HUB_CONFIGS, parse_hub_id, resolve_checkpoint
+
+            hub = parse_hub_id(str(checkpoint))
+            if hub is not None:  # a Hugging Face hub id: the .pt from the local hub cache (or downloaded)
+                want = SAM2_HUB_CONFIGS.get(hub[0])
+                if want is not None and want != self.config:
+                    raise SegmenterError(f"SAM2 checkpoint {hub[0]} needs config {want} (sam2.config / "
+                                         f"--sam2-config), not {self.config}")
+                self.checkpoint = resolve_checkpoint(str(checkpoint), "sam2", error=SegmenterError)
         if not self.random_init:
             if self.checkpoint is None:
                 raise SegmenterError(f"no SAM2 checkpoint given for config {self.config}: "
@@ -409,7 +422,9 @@ class Sam2Segmenter(Segmenter):
         return logits
 
     def build_mask_cache(self, rgb, pts3d, valid, progress: Optional[ProgressFn] = None,
-                         cancel: Optional[CancelFn] = None) -> MaskCache:
+                         cancel: Optional[CancelFn] = None, local=None) -> MaskCache:
+        # SAM2 tracks its own masks through the keyframes: the per-view pre-segmentation
+        # (``local``) only served DGA's soft masks
         import time
         import torch
         rgb = np.asarray(rgb)
