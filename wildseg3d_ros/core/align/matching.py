@@ -15,10 +15,21 @@ two maps sample the surface at different densities (the round-trip form is the d
 Nearest neighbours come from scipy's cKDTree on the pointmaps subsampled with ``stride`` (every
 ``stride``-th row and column); the match flag of a subsampled pixel is given to its
 ``stride x stride`` block.  Invalid points (non-finite or zero confidence) never match.
+
+:func:`projective_matches` (the aligner's default, torch, any device) applies the same test with
+the nearest neighbours searched by *projective association* instead of a KD-tree: both maps
+live in camera i's frame and X^{i,e} is organised on camera i's pixel grid, so a pinhole model
+of that grid (a 3x4 projection fitted by least squares on X^{i,e} itself) takes every
+point of X^{j,e} to the pixels where its neighbours in X^{i,e} lie; view j's points are splatted
+into the same grid (nearest depth wins), and each pixel searches a (2r+1)^2 window of both.
+It is O(HW) per pair (no tree), batched tensor code, 20-100x faster than the KD-tree; it finds
+the neighbours that lie within ``radius`` (strided) pixels of the ray, which are the ones the
+threshold accepts for pointmaps that agree up to a few pixels laterally.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 
@@ -77,3 +88,153 @@ def auto_stride(h: int, w: int, max_points: int = 50_000) -> int:
     while ((h + s - 1) // s) * ((w + s - 1) // s) > max_points:
         s += 1
     return s
+
+
+def _fit_projection(P, valid, max_points: int = 20000):
+    """3x4 projection matrix (float64) that best maps the organised pointmap P (h, w, 3) onto its
+    own pixel grid (normalised DLT, least squares on a subsample of the valid points), scaled so
+    that the projective depth of the points is positive; None when degenerate.
+
+    A full projection rather than a pinhole at the origin: DUSt3R's pair frame is camera i's only
+    up to the pair's own similarity bias (here a translation of ~1 % moves the centre)."""
+    h, w = P.shape[:2]
+    ok = valid.reshape(-1)
+    idx = torch.nonzero(ok).reshape(-1)
+    if len(idx) < 12:
+        return None
+    if len(idx) > max_points:
+        idx = idx[torch.linspace(0, len(idx) - 1, max_points, device=idx.device).long()]
+    X = P.reshape(-1, 3)[idx].double()
+    uv = torch.stack([(idx % w).double(), (idx // w).double()], -1)
+    mx, mu = X.mean(0), uv.mean(0)
+    sx = float((X - mx).norm(dim=-1).mean()) or 1.0
+    su = float((uv - mu).norm(dim=-1).mean()) or 1.0
+    Xn = torch.cat([(X - mx) / sx, torch.ones_like(X[:, :1])], -1)     # (n, 4)
+    un = (uv - mu) / su
+    z = torch.zeros_like(Xn)
+    rows = torch.cat([torch.cat([Xn, z, -un[:, :1] * Xn], -1), torch.cat([z, Xn, -un[:, 1:] * Xn], -1)])
+    evals, evecs = torch.linalg.eigh(rows.T @ rows)
+    Pn = evecs[:, 0].reshape(3, 4)
+    Tx = torch.eye(4, dtype=torch.float64, device=P.device)
+    Tx[:3, :3] /= sx
+    Tx[:3, 3] = -mx / sx
+    Tu = torch.eye(3, dtype=torch.float64, device=P.device)
+    Tu[:2, :2] *= su
+    Tu[:2, 2] = mu
+    M = Tu @ Pn @ Tx
+    depth = (X @ M[2, :3] + M[2, 3])
+    if not bool(torch.isfinite(M).all()) or float(depth.abs().max()) <= 0:
+        return None
+    if float((depth > 0).double().mean()) < 0.5:
+        M = -M
+    return M
+
+
+def _window_nn(query, grid, grid2, centre, radius, wp):
+    """Nearest grid point of each query point in a (2r+1)^2 window around its centre cell.
+
+    grid: (hp*wp, 3) padded organised points (empty cells far away), grid2 their squared norms
+    (empty cells: huge, never the minimum next to a real point); centre: (n,) flat indices in
+    the padded grid (at least ``radius`` cells from its border). Returns (distance, flat index)."""
+    off = torch.arange(-radius, radius + 1, device=query.device)
+    offs = (off[:, None] * wp + off[None, :]).reshape(-1)
+    idx = centre[:, None] + offs                               # (n, K)
+    cand = grid.index_select(0, idx.reshape(-1)).reshape(idx.shape + (3,))
+    # |c - q|^2 = |c|^2 - 2 c.q + |q|^2, the dot products as one batched matmul
+    d2 = torch.baddbmm(grid2.index_select(0, idx.reshape(-1)).reshape(idx.shape + (1,)), cand,
+                       query[:, :, None], alpha=-2.0)[..., 0]
+    best, k = d2.min(1)
+    best = (best + query.square().sum(-1)).clamp_min(0)
+    return best.sqrt(), idx.gather(1, k[:, None])[:, 0]
+
+
+def projective_matches(pts_a, pts_b, valid_a=None, valid_b=None, threshold: float = 0.03,
+                       stride: int = 1, radius: int = 2, mutual: bool = False):
+    """Match masks (Ha, Wa) and (Hb, Wb) bool (torch, on the input's device) for two pointmaps in
+    the same frame, ``pts_a`` organised on that frame's camera grid (DUSt3R's view1 of a pair).
+
+    Same test as :func:`pair_matches` (reciprocal nearest neighbour within ``threshold`` x the
+    point's distance; ``mutual=True``: NN(NN(p)) == p), nearest neighbours by projective
+    association in a (2 radius + 1)^2 window of the ``stride``-subsampled grid (module docstring).
+    pts_*: torch tensors or numpy arrays (H, W, 3); valid_*: optional bool masks."""
+    A = torch.as_tensor(pts_a)
+    A = A if A.dtype in (torch.float32, torch.float64) else A.float()
+    B = torch.as_tensor(pts_b, device=A.device).to(A.dtype)
+    dev = A.device
+    Ha, Wa = A.shape[:2]
+    Hb, Wb = B.shape[:2]
+    va = torch.isfinite(A).all(-1)
+    vb = torch.isfinite(B).all(-1)
+    if valid_a is not None:
+        va &= torch.as_tensor(valid_a, device=dev).bool()
+    if valid_b is not None:
+        vb &= torch.as_tensor(valid_b, device=dev).bool()
+    s = max(int(stride), 1)
+    r = max(int(radius), 0)
+    msa, msb = va[::s, ::s], vb[::s, ::s]
+    h, w = msa.shape
+    hb, wb = msb.shape
+    Pa = torch.where(msa[..., None], A[::s, ::s], torch.zeros((), dtype=A.dtype, device=dev)).reshape(-1, 3)
+    Pb = torch.where(msb[..., None], B[::s, ::s], torch.zeros((), dtype=A.dtype, device=dev)).reshape(-1, 3)
+    oka, okb = msa.reshape(-1), msb.reshape(-1)
+    fa = torch.zeros(h * w, dtype=torch.bool, device=dev)
+    fb = torch.zeros(hb * wb, dtype=torch.bool, device=dev)
+    M = _fit_projection(A[::s, ::s], msa) if bool(oka.any()) and bool(okb.any()) else None
+    if M is not None:
+        M = M.to(A.dtype)
+        hp, wp = h + 2 * r, w + 2 * r
+        far = 1e3 * (float(torch.maximum(Pa.abs().max(), Pb.abs().max())) + 1.0)  # empty cells
+        proj = Pb @ M[:, :3].T + M[:, 3]
+        zb = proj[:, 2]
+        zs = torch.where(zb > 1e-12, zb, torch.ones_like(zb))
+        ub = torch.nan_to_num(torch.round(proj[:, 0] / zs), nan=-1.0)
+        vbp = torch.nan_to_num(torch.round(proj[:, 1] / zs), nan=-1.0)
+        inside = okb & (zb > 1e-12) & (ub >= 0) & (ub < w) & (vbp >= 0) & (vbp < h)
+        ib = torch.nonzero(inside).reshape(-1)                 # b points that land in A's grid
+        ub, vbp, zb_in = ub[ib].long(), vbp[ib].long(), zb[ib]
+        cell = vbp * w + ub                                    # unpadded cell of each such b
+        pcell = (vbp + r) * wp + (ub + r)                      # padded
+        vv, uu = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        pad_a = ((vv + r) * wp + (uu + r)).reshape(-1)         # padded cell of every A pixel
+        # B -> A: window search in A's own (padded) grid
+        grid_a = torch.full((hp * wp, 3), far, dtype=A.dtype, device=dev)
+        grid_a[pad_a[oka]] = Pa[oka]
+        d_ba = torch.full((hb * wb,), float("inf"), dtype=A.dtype, device=dev)
+        n_ba = torch.full((hb * wb,), -1, dtype=torch.long, device=dev)
+        if len(ib):
+            d, pidx = _window_nn(Pb[ib], grid_a, grid_a.square().sum(-1), pcell, r, wp)
+            d_ba[ib] = d
+            n_ba[ib] = (pidx // wp - r) * w + (pidx % wp - r)   # back to A's flat index
+        # A -> B: splat B into A's grid (nearest depth wins), then window search
+        zbuf = torch.full((h * w,), float("inf"), dtype=A.dtype, device=dev)
+        zbuf = zbuf.scatter_reduce(0, cell, zb_in, reduce="amin")
+        win = zb_in == zbuf[cell]
+        owner = torch.full((h * w,), -1, dtype=torch.long, device=dev)
+        owner = owner.scatter_reduce(0, cell, torch.where(win, ib, torch.full_like(ib, -1)), reduce="amax")
+        grid_b = torch.full((hp * wp, 3), far, dtype=A.dtype, device=dev)
+        own = owner >= 0
+        grid_b[pad_a[own]] = Pb[owner[own]]
+        owner_p = torch.full((hp * wp,), -1, dtype=torch.long, device=dev)
+        owner_p[pad_a] = owner
+        d_ab, pidx = _window_nn(Pa, grid_b, grid_b.square().sum(-1), pad_a, r, wp)
+        n_ab = owner_p[pidx]
+        ra = threshold * Pa.norm(dim=-1)
+        rb = threshold * Pb.norm(dim=-1)
+        has_ab = oka & (n_ab >= 0) & (d_ab < ra)
+        has_ba = okb & (n_ba >= 0) & (d_ba < rb)
+        back_a = torch.where(n_ab >= 0, n_ba[n_ab.clamp_min(0)], torch.full_like(n_ab, -1))
+        back_b = torch.where(n_ba >= 0, n_ab[n_ba.clamp_min(0)], torch.full_like(n_ba, -1))
+        if mutual:
+            fa = has_ab & (back_a == torch.arange(len(Pa), device=dev))
+            fb = has_ba & (back_b == torch.arange(len(Pb), device=dev))
+        else:
+            da = (Pa[back_a.clamp_min(0)] - Pa).norm(dim=-1)
+            db = (Pb[back_b.clamp_min(0)] - Pb).norm(dim=-1)
+            fa = has_ab & (back_a >= 0) & (da < ra)
+            fb = has_ba & (back_b >= 0) & (db < rb)
+    fa = fa.reshape(h, w)
+    fb = fb.reshape(hb, wb)
+    if s > 1:
+        fa = fa.repeat_interleave(s, 0).repeat_interleave(s, 1)[:Ha, :Wa]
+        fb = fb.repeat_interleave(s, 0).repeat_interleave(s, 1)[:Hb, :Wb]
+    return fa & va, fb & vb

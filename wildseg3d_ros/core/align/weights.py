@@ -9,6 +9,7 @@ DGA (WildSeg3D, ICCV 2025):
 ``S`` is the soft object mask of the pixel's view (1 everywhere when no masks are given) and
 ``C`` the (transformed, see :func:`transform_confidence`) pairwise confidence.
 Everything here is vectorised and works on numpy arrays or torch tensors.
+:func:`edge_weights` computes the weights of every pair of an aligner input (matching included).
 """
 from __future__ import annotations
 
@@ -89,3 +90,45 @@ def dga_weights(conf_t, soft_mask, matching, alpha_p: float = 0.5, alpha_n: floa
 def confidence_weights(conf_t):
     """Standard (DUSt3R) weighting: W = C (the transformed confidence, i.e. log C by default)."""
     return conf_t
+
+
+def edge_weights(inp, soft_masks=None, weighting: str = "dga", alpha_p: float = 0.5,
+                 alpha_n: float = 0.9, match_threshold: float = 0.03, matcher: str = "projective",
+                 match_stride=None, match_radius: int = 2, match_points: int = 16_384,
+                 mutual: bool = False, cancel=None):
+    """Per-edge weights (W1, W2): lists of (H, W) float32 tensors on the input's device.
+
+    inp: :class:`~wildseg3d_ros.core.align.inputs.AlignInputs`; soft_masks: per-view S (list of
+    (H, W) tensors) or None (S = 1). weighting 'dga': matching of each pair (matcher
+    'projective' (default, torch, on the device; stride keeping <= ``match_points`` points per
+    map) or 'kdtree' (scipy, the reference definition; stride keeping <= 50 000)), then
+    :func:`dga_weights`; 'confidence': W = C. ``cancel()`` is checked before every pair."""
+    from ..errors import Cancelled
+    from .matching import auto_stride, pair_matches, projective_matches
+
+    if matcher not in ("projective", "kdtree"):
+        raise ValueError(f"matcher must be 'projective' or 'kdtree', got {matcher!r}")
+    W1, W2 = [], []
+    dev = inp.device
+    for e, (i, j) in enumerate(inp.edges):
+        if cancel is not None and cancel():  # matching is the longest stretch before the loop
+            raise Cancelled(f"alignment cancelled while matching pair {e}/{inp.num_edges}")
+        c1, c2 = inp.ct1[e], inp.ct2[e]
+        if weighting != "dga":
+            W1.append(confidence_weights(c1))
+            W2.append(confidence_weights(c2))
+            continue
+        if matcher == "kdtree":
+            st = match_stride or auto_stride(*inp.shapes[i])
+            m1, m2 = pair_matches(inp.pts1[e].cpu().numpy(), inp.pts2[e].cpu().numpy(),
+                                  (c1 > 0).cpu().numpy(), (c2 > 0).cpu().numpy(),
+                                  threshold=match_threshold, stride=st, mutual=mutual)
+            m1 = torch.as_tensor(m1, device=dev)
+            m2 = torch.as_tensor(m2, device=dev)
+        else:
+            st = match_stride or auto_stride(*inp.shapes[i], max_points=match_points)
+            m1, m2 = projective_matches(inp.pts1[e], inp.pts2[e], c1 > 0, c2 > 0, threshold=match_threshold,
+                                        stride=st, radius=match_radius, mutual=mutual)
+        W1.append(dga_weights(c1, None if soft_masks is None else soft_masks[i], m1, alpha_p, alpha_n))
+        W2.append(dga_weights(c2, None if soft_masks is None else soft_masks[j], m2, alpha_p, alpha_n))
+    return W1, W2
