@@ -67,7 +67,8 @@ class AlignOptions:
     device: 'cpu' or 'cuda' (any torch device). seed: pixel-subsample seed (deterministic).
     num_samples: pixels per view used while optimising poses / focals / pairwise similarities.
     conf_mode: 'auto' | 'log' | 'raw' (see weights.transform_confidence).
-    final_irls: Weiszfeld steps of the final full-resolution depth solve.
+    final_irls: Weiszfeld steps of the final full-resolution depth solve (3: the objective
+        within 1e-5 of 10 steps, the pointmap error unchanged, see docs/dga.md).
     """
 
     weighting: str = "dga"
@@ -91,7 +92,7 @@ class AlignOptions:
     seed: int = 0
     num_samples: int = 8192
     conf_mode: str = "auto"
-    final_irls: int = 10
+    final_irls: int = 3
 
     def validate(self) -> "AlignOptions":
         if self.weighting not in ("dga", "confidence"):

@@ -135,17 +135,11 @@ def prepare_inputs(pairs, num_views: Optional[int] = None, conf_mode: str = "aut
         raise AlignmentError(f"the pair graph is disconnected: views {missing} are in no pair")
 
     # confidences, validity (non-finite points -> 0 with confidence 0)
-    if conf_mode == "auto":
-        is_log = True
-        any_finite = False
-        for c in C1 + C2:
-            fin = torch.isfinite(c)
-            if bool(fin.any()):
-                any_finite = True
-                if not bool((c[fin] >= 1).all()):
-                    is_log = False
-                    break
-        conf_mode = "log" if any_finite and is_log else "raw"
+    if conf_mode == "auto":  # 'log' when every finite confidence is >= 1 (DUSt3R's 1 + exp(x))
+        inf = float("inf")
+        lo = torch.stack([torch.nan_to_num(c, nan=inf, posinf=inf, neginf=inf).amin() for c in C1 + C2])
+        fin = torch.isfinite(lo)  # smallest finite value per map (inf: none)
+        conf_mode = "log" if bool(fin.any()) and bool((lo[fin] >= 1).all()) else "raw"
     Ct1, Ct2 = [], []
     total = 0.0
     for lst_x, lst_c, out in ((X1, C1, Ct1), (X2, C2, Ct2)):

@@ -91,49 +91,53 @@ def auto_stride(h: int, w: int, max_points: int = 50_000) -> int:
 
 
 def _fit_projection(P, valid, max_points: int = 20000):
-    """3x4 projection matrix (float64) that best maps the organised pointmap P (h, w, 3) onto its
-    own pixel grid (normalised DLT, least squares on a subsample of the valid points), scaled so
-    that the projective depth of the points is positive; None when degenerate.
+    """Batched 3x4 projection matrices (B, 3, 4) float64 that best map the organised pointmaps
+    P (B, h, w, 3) onto their own pixel grid (normalised DLT, least squares over the valid points,
+    every k-th when there are more than ``max_points``), scaled so that the projective depth of
+    the points is mostly positive; and (B,) bool: fit usable.
 
     A full projection rather than a pinhole at the origin: DUSt3R's pair frame is camera i's only
-    up to the pair's own similarity bias (here a translation of ~1 % moves the centre)."""
-    h, w = P.shape[:2]
-    ok = valid.reshape(-1)
-    idx = torch.nonzero(ok).reshape(-1)
-    if len(idx) < 12:
-        return None
-    if len(idx) > max_points:
-        idx = idx[torch.linspace(0, len(idx) - 1, max_points, device=idx.device).long()]
-    X = P.reshape(-1, 3)[idx].double()
-    uv = torch.stack([(idx % w).double(), (idx // w).double()], -1)
-    mx, mu = X.mean(0), uv.mean(0)
-    sx = float((X - mx).norm(dim=-1).mean()) or 1.0
-    su = float((uv - mu).norm(dim=-1).mean()) or 1.0
-    Xn = torch.cat([(X - mx) / sx, torch.ones_like(X[:, :1])], -1)     # (n, 4)
-    un = (uv - mu) / su
+    up to the pair's own similarity bias (a translation of ~1 % moves the centre)."""
+    Bn, h, w = P.shape[:3]
+    dev = P.device
+    k = max(1, int(np.ceil(np.sqrt(h * w / max_points))))
+    X = P[:, ::k, ::k].reshape(Bn, -1, 3).double()
+    m = valid[:, ::k, ::k].reshape(Bn, -1).double()
+    vv, uu = torch.meshgrid(torch.arange(0, h, k, device=dev, dtype=torch.float64),
+                            torch.arange(0, w, k, device=dev, dtype=torch.float64), indexing="ij")
+    uv = torch.stack([uu.reshape(-1), vv.reshape(-1)], -1)[None].expand(Bn, -1, -1)
+    cnt = m.sum(1)
+    wn = m / cnt.clamp_min(1)[:, None]
+    mx = (wn[..., None] * X).sum(1)
+    mu = (wn[..., None] * uv).sum(1)
+    sx = (wn * (X - mx[:, None]).norm(dim=-1)).sum(1).clamp_min(1e-12)
+    su = (wn * (uv - mu[:, None]).norm(dim=-1)).sum(1).clamp_min(1e-12)
+    Xn = torch.cat([(X - mx[:, None]) / sx[:, None, None], torch.ones_like(X[..., :1])], -1)   # (B, n, 4)
+    un = (uv - mu[:, None]) / su[:, None, None]
     z = torch.zeros_like(Xn)
-    rows = torch.cat([torch.cat([Xn, z, -un[:, :1] * Xn], -1), torch.cat([z, Xn, -un[:, 1:] * Xn], -1)])
-    evals, evecs = torch.linalg.eigh(rows.T @ rows)
-    Pn = evecs[:, 0].reshape(3, 4)
-    Tx = torch.eye(4, dtype=torch.float64, device=P.device)
-    Tx[:3, :3] /= sx
-    Tx[:3, 3] = -mx / sx
-    Tu = torch.eye(3, dtype=torch.float64, device=P.device)
-    Tu[:2, :2] *= su
-    Tu[:2, 2] = mu
+    r1 = torch.cat([Xn, z, -un[..., :1] * Xn], -1) * m[..., None]
+    r2 = torch.cat([z, Xn, -un[..., 1:] * Xn], -1) * m[..., None]
+    A = r1.transpose(1, 2) @ r1 + r2.transpose(1, 2) @ r2
+    evals, evecs = torch.linalg.eigh(A)
+    Pn = evecs[..., 0].reshape(Bn, 3, 4)
+    Tx = torch.eye(4, dtype=torch.float64, device=dev).repeat(Bn, 1, 1)
+    Tx[:, :3, :3] /= sx[:, None, None]
+    Tx[:, :3, 3] = -mx / sx[:, None]
+    Tu = torch.eye(3, dtype=torch.float64, device=dev).repeat(Bn, 1, 1)
+    Tu[:, :2, :2] *= su[:, None, None]
+    Tu[:, :2, 2] = mu
     M = Tu @ Pn @ Tx
-    depth = (X @ M[2, :3] + M[2, 3])
-    if not bool(torch.isfinite(M).all()) or float(depth.abs().max()) <= 0:
-        return None
-    if float((depth > 0).double().mean()) < 0.5:
-        M = -M
-    return M
+    depth = torch.einsum("bnj,bj->bn", X, M[:, 2, :3]) + M[:, 2, 3:]
+    pos = ((depth > 0).double() * m).sum(1)
+    M = torch.where((pos < 0.5 * cnt)[:, None, None], -M, M)
+    ok = (cnt >= 12) & torch.isfinite(M).flatten(1).all(1) & ((depth.abs() * m).amax(1) > 0)
+    return M, ok
 
 
 def _window_nn(query, grid, grid2, centre, radius, wp):
     """Nearest grid point of each query point in a (2r+1)^2 window around its centre cell.
 
-    grid: (hp*wp, 3) padded organised points (empty cells far away), grid2 their squared norms
+    grid: (cells, 3) padded organised points (empty cells far away), grid2 their squared norms
     (empty cells: huge, never the minimum next to a real point); centre: (n,) flat indices in
     the padded grid (at least ``radius`` cells from its border). Returns (distance, flat index)."""
     off = torch.arange(-radius, radius + 1, device=query.device)
@@ -148,6 +152,89 @@ def _window_nn(query, grid, grid2, centre, radius, wp):
     return best.sqrt(), idx.gather(1, k[:, None])[:, 0]
 
 
+def _projective_batch(A, B, va, vb, threshold, radius, mutual):
+    """Match flags (B, h, w), (B, hb, wb) of a batch of (already subsampled) pointmap pairs."""
+    Bn, h, w = A.shape[:3]
+    hb, wb = B.shape[1:3]
+    dev, dt = A.device, A.dtype
+    r = max(int(radius), 0)
+    hp, wp = h + 2 * r, w + 2 * r
+    Pa = torch.where(va[..., None], A, torch.zeros((), dtype=dt, device=dev)).reshape(-1, 3)
+    Pb = torch.where(vb[..., None], B, torch.zeros((), dtype=dt, device=dev)).reshape(-1, 3)
+    M, fit_ok = _fit_projection(A, va)
+    oka = (va & (fit_ok & vb.flatten(1).any(1))[:, None, None]).reshape(-1)
+    okb = (vb & (fit_ok & va.flatten(1).any(1))[:, None, None]).reshape(-1)
+    na, nb = h * w, hb * wb
+    pair_b = torch.arange(Bn, device=dev).repeat_interleave(nb)            # pair of each b point
+    Mb = M.to(dt)[pair_b]                                                  # (Bn*nb, 3, 4)
+    proj = torch.einsum("nij,nj->ni", Mb[:, :, :3], Pb) + Mb[:, :, 3]
+    zb = proj[:, 2]
+    zs = torch.where(zb > 1e-12, zb, torch.ones_like(zb))
+    ub = torch.nan_to_num(torch.round(proj[:, 0] / zs), nan=-1.0)
+    vbp = torch.nan_to_num(torch.round(proj[:, 1] / zs), nan=-1.0)
+    inside = okb & (zb > 1e-12) & (ub >= 0) & (ub < w) & (vbp >= 0) & (vbp < h)
+    ib = torch.nonzero(inside).reshape(-1)                                 # b points landing in A's grid
+    pb_in = pair_b[ib]
+    ub, vbp, zb_in = ub[ib].long(), vbp[ib].long(), zb[ib]
+    cell = pb_in * na + vbp * w + ub                                       # unpadded cell (global)
+    pcell = pb_in * (hp * wp) + (vbp + r) * wp + (ub + r)                  # padded
+    vv, uu = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+    pad_local = ((vv + r) * wp + (uu + r)).reshape(-1)
+    pad_a = (torch.arange(Bn, device=dev)[:, None] * (hp * wp) + pad_local).reshape(-1)  # (Bn*na,)
+    far = 1e3 * (float(torch.maximum(Pa.abs().max(), Pb.abs().max())) + 1.0) if len(Pa) else 1.0
+    # B -> A: window search in A's own (padded) grid
+    grid_a = torch.full((Bn * hp * wp, 3), far, dtype=dt, device=dev)
+    grid_a[pad_a[oka]] = Pa[oka]
+    d_ba = torch.full((Bn * nb,), float("inf"), dtype=dt, device=dev)
+    n_ba = torch.full((Bn * nb,), -1, dtype=torch.long, device=dev)
+    if len(ib):
+        d, pidx = _window_nn(Pb[ib], grid_a, grid_a.square().sum(-1), pcell, r, wp)
+        bi, loc = pidx // (hp * wp), pidx % (hp * wp)
+        d_ba[ib] = d
+        n_ba[ib] = bi * na + (loc // wp - r) * w + (loc % wp - r)          # back to A's flat index
+    # A -> B: splat B into A's grid (nearest depth wins), then window search
+    zbuf = torch.full((Bn * na,), float("inf"), dtype=dt, device=dev)
+    zbuf = zbuf.scatter_reduce(0, cell, zb_in, reduce="amin")
+    win = zb_in == zbuf[cell]
+    owner = torch.full((Bn * na,), -1, dtype=torch.long, device=dev)
+    owner = owner.scatter_reduce(0, cell, torch.where(win, ib, torch.full_like(ib, -1)), reduce="amax")
+    own = owner >= 0
+    grid_b = torch.full((Bn * hp * wp, 3), far, dtype=dt, device=dev)
+    grid_b[pad_a[own]] = Pb[owner[own]]
+    owner_p = torch.full((Bn * hp * wp,), -1, dtype=torch.long, device=dev)
+    owner_p[pad_a] = owner
+    d_ab, pidx = _window_nn(Pa, grid_b, grid_b.square().sum(-1), pad_a, r, wp)
+    n_ab = owner_p[pidx]
+    ra = threshold * Pa.norm(dim=-1)
+    rb = threshold * Pb.norm(dim=-1)
+    has_ab = oka & (n_ab >= 0) & (d_ab < ra)
+    has_ba = okb & (n_ba >= 0) & (d_ba < rb)
+    back_a = torch.where(n_ab >= 0, n_ba[n_ab.clamp_min(0)], torch.full_like(n_ab, -1))
+    back_b = torch.where(n_ba >= 0, n_ab[n_ba.clamp_min(0)], torch.full_like(n_ba, -1))
+    if mutual:
+        fa = has_ab & (back_a == torch.arange(len(Pa), device=dev))
+        fb = has_ba & (back_b == torch.arange(len(Pb), device=dev))
+    else:
+        fa = has_ab & (back_a >= 0) & ((Pa[back_a.clamp_min(0)] - Pa).norm(dim=-1) < ra)
+        fb = has_ba & (back_b >= 0) & ((Pb[back_b.clamp_min(0)] - Pb).norm(dim=-1) < rb)
+    return fa.reshape(Bn, h, w), fb.reshape(Bn, hb, wb)
+
+
+def _prepare(pts, valid, device):
+    P = torch.as_tensor(pts, device=device)
+    P = P if P.dtype in (torch.float32, torch.float64) else P.float()
+    v = torch.isfinite(P).all(-1)
+    if valid is not None:
+        v &= torch.as_tensor(valid, device=device).bool()
+    return P, v
+
+
+def _upsample(f, s, H, W):
+    if s > 1:
+        f = f.repeat_interleave(s, -2).repeat_interleave(s, -1)[..., :H, :W]
+    return f
+
+
 def projective_matches(pts_a, pts_b, valid_a=None, valid_b=None, threshold: float = 0.03,
                        stride: int = 1, radius: int = 2, mutual: bool = False):
     """Match masks (Ha, Wa) and (Hb, Wb) bool (torch, on the input's device) for two pointmaps in
@@ -157,84 +244,39 @@ def projective_matches(pts_a, pts_b, valid_a=None, valid_b=None, threshold: floa
     point's distance; ``mutual=True``: NN(NN(p)) == p), nearest neighbours by projective
     association in a (2 radius + 1)^2 window of the ``stride``-subsampled grid (module docstring).
     pts_*: torch tensors or numpy arrays (H, W, 3); valid_*: optional bool masks."""
-    A = torch.as_tensor(pts_a)
-    A = A if A.dtype in (torch.float32, torch.float64) else A.float()
-    B = torch.as_tensor(pts_b, device=A.device).to(A.dtype)
-    dev = A.device
-    Ha, Wa = A.shape[:2]
-    Hb, Wb = B.shape[:2]
-    va = torch.isfinite(A).all(-1)
-    vb = torch.isfinite(B).all(-1)
-    if valid_a is not None:
-        va &= torch.as_tensor(valid_a, device=dev).bool()
-    if valid_b is not None:
-        vb &= torch.as_tensor(valid_b, device=dev).bool()
+    fa, fb = projective_matches_batch([(pts_a, pts_b, valid_a, valid_b)], threshold, stride, radius, mutual)[0]
+    return fa, fb
+
+
+def projective_matches_batch(pairs, threshold: float = 0.03, stride: int = 1, radius: int = 2,
+                             mutual: bool = False, max_batch_points: int = 1 << 19):
+    """:func:`projective_matches` of many pairs ``[(pts_a, pts_b, valid_a, valid_b), ...]`` at
+    once (consecutive pairs of equal shapes share batched tensor operations, up to
+    ``max_batch_points`` subsampled points per batch). Returns a list of (mask_a, mask_b)."""
+    out = []
     s = max(int(stride), 1)
-    r = max(int(radius), 0)
-    msa, msb = va[::s, ::s], vb[::s, ::s]
-    h, w = msa.shape
-    hb, wb = msb.shape
-    Pa = torch.where(msa[..., None], A[::s, ::s], torch.zeros((), dtype=A.dtype, device=dev)).reshape(-1, 3)
-    Pb = torch.where(msb[..., None], B[::s, ::s], torch.zeros((), dtype=A.dtype, device=dev)).reshape(-1, 3)
-    oka, okb = msa.reshape(-1), msb.reshape(-1)
-    fa = torch.zeros(h * w, dtype=torch.bool, device=dev)
-    fb = torch.zeros(hb * wb, dtype=torch.bool, device=dev)
-    M = _fit_projection(A[::s, ::s], msa) if bool(oka.any()) and bool(okb.any()) else None
-    if M is not None:
-        M = M.to(A.dtype)
-        hp, wp = h + 2 * r, w + 2 * r
-        far = 1e3 * (float(torch.maximum(Pa.abs().max(), Pb.abs().max())) + 1.0)  # empty cells
-        proj = Pb @ M[:, :3].T + M[:, 3]
-        zb = proj[:, 2]
-        zs = torch.where(zb > 1e-12, zb, torch.ones_like(zb))
-        ub = torch.nan_to_num(torch.round(proj[:, 0] / zs), nan=-1.0)
-        vbp = torch.nan_to_num(torch.round(proj[:, 1] / zs), nan=-1.0)
-        inside = okb & (zb > 1e-12) & (ub >= 0) & (ub < w) & (vbp >= 0) & (vbp < h)
-        ib = torch.nonzero(inside).reshape(-1)                 # b points that land in A's grid
-        ub, vbp, zb_in = ub[ib].long(), vbp[ib].long(), zb[ib]
-        cell = vbp * w + ub                                    # unpadded cell of each such b
-        pcell = (vbp + r) * wp + (ub + r)                      # padded
-        vv, uu = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-        pad_a = ((vv + r) * wp + (uu + r)).reshape(-1)         # padded cell of every A pixel
-        # B -> A: window search in A's own (padded) grid
-        grid_a = torch.full((hp * wp, 3), far, dtype=A.dtype, device=dev)
-        grid_a[pad_a[oka]] = Pa[oka]
-        d_ba = torch.full((hb * wb,), float("inf"), dtype=A.dtype, device=dev)
-        n_ba = torch.full((hb * wb,), -1, dtype=torch.long, device=dev)
-        if len(ib):
-            d, pidx = _window_nn(Pb[ib], grid_a, grid_a.square().sum(-1), pcell, r, wp)
-            d_ba[ib] = d
-            n_ba[ib] = (pidx // wp - r) * w + (pidx % wp - r)   # back to A's flat index
-        # A -> B: splat B into A's grid (nearest depth wins), then window search
-        zbuf = torch.full((h * w,), float("inf"), dtype=A.dtype, device=dev)
-        zbuf = zbuf.scatter_reduce(0, cell, zb_in, reduce="amin")
-        win = zb_in == zbuf[cell]
-        owner = torch.full((h * w,), -1, dtype=torch.long, device=dev)
-        owner = owner.scatter_reduce(0, cell, torch.where(win, ib, torch.full_like(ib, -1)), reduce="amax")
-        grid_b = torch.full((hp * wp, 3), far, dtype=A.dtype, device=dev)
-        own = owner >= 0
-        grid_b[pad_a[own]] = Pb[owner[own]]
-        owner_p = torch.full((hp * wp,), -1, dtype=torch.long, device=dev)
-        owner_p[pad_a] = owner
-        d_ab, pidx = _window_nn(Pa, grid_b, grid_b.square().sum(-1), pad_a, r, wp)
-        n_ab = owner_p[pidx]
-        ra = threshold * Pa.norm(dim=-1)
-        rb = threshold * Pb.norm(dim=-1)
-        has_ab = oka & (n_ab >= 0) & (d_ab < ra)
-        has_ba = okb & (n_ba >= 0) & (d_ba < rb)
-        back_a = torch.where(n_ab >= 0, n_ba[n_ab.clamp_min(0)], torch.full_like(n_ab, -1))
-        back_b = torch.where(n_ba >= 0, n_ab[n_ba.clamp_min(0)], torch.full_like(n_ba, -1))
-        if mutual:
-            fa = has_ab & (back_a == torch.arange(len(Pa), device=dev))
-            fb = has_ba & (back_b == torch.arange(len(Pb), device=dev))
-        else:
-            da = (Pa[back_a.clamp_min(0)] - Pa).norm(dim=-1)
-            db = (Pb[back_b.clamp_min(0)] - Pb).norm(dim=-1)
-            fa = has_ab & (back_a >= 0) & (da < ra)
-            fb = has_ba & (back_b >= 0) & (db < rb)
-    fa = fa.reshape(h, w)
-    fb = fb.reshape(hb, wb)
-    if s > 1:
-        fa = fa.repeat_interleave(s, 0).repeat_interleave(s, 1)[:Ha, :Wa]
-        fb = fb.repeat_interleave(s, 0).repeat_interleave(s, 1)[:Hb, :Wb]
-    return fa & va, fb & vb
+    k = 0
+    while k < len(pairs):
+        A0, va0 = _prepare(pairs[k][0], pairs[k][2], None)
+        dev = A0.device
+        items = [(A0, va0) + _prepare(pairs[k][1], pairs[k][3], dev)]
+        shape = (tuple(A0.shape), tuple(items[0][2].shape))
+        per = max(1, (A0.shape[0] // s + 1) * (A0.shape[1] // s + 1))
+        k += 1
+        while k < len(pairs) and len(items) * per < max_batch_points:
+            A1, v1 = _prepare(pairs[k][0], pairs[k][2], dev)
+            B1, w1 = _prepare(pairs[k][1], pairs[k][3], dev)
+            if (tuple(A1.shape), tuple(B1.shape)) != shape:
+                break
+            items.append((A1, v1, B1, w1))
+            k += 1
+        A = torch.stack([it[0][::s, ::s] for it in items])
+        B = torch.stack([it[2][::s, ::s] for it in items]).to(A.dtype)
+        va = torch.stack([it[1][::s, ::s] for it in items])
+        vb = torch.stack([it[3][::s, ::s] for it in items])
+        fa, fb = _projective_batch(A, B, va, vb, float(threshold), radius, mutual)
+        (Ha, Wa), (Hb, Wb) = shape[0][:2], shape[1][:2]
+        fa, fb = _upsample(fa, s, Ha, Wa), _upsample(fb, s, Hb, Wb)
+        for q, it in enumerate(items):
+            out.append((fa[q] & it[1], fb[q] & it[3]))
+    return out
