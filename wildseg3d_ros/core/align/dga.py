@@ -28,7 +28,7 @@ import torch
 
 from ..scene import AlignedScene
 from .depths import solve_full_resolution, stack_views
-from .gauge import apply_known_pose_gauge, output_gauge
+from .gauge import apply_known_pose_gauge, output_gauge, to_first_camera
 from .init import initialise
 from .inputs import as_tensor_list, parse_known, prepare_inputs
 from .inputs import principal_points as _principal_points
@@ -80,7 +80,7 @@ class AlignOptions:
     lr: float = 0.01
     lr_min_ratio: float = 0.01
     gn_iterations: int = 30
-    gn_tolerance: float = 1e-7
+    gn_tolerance: float = 1e-5
     gn_max_residuals: int = 1 << 21
     match_threshold: float = 0.03
     matcher: str = "projective"
@@ -226,7 +226,10 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
     clock("optimise_s")
     tm["iterations"] = len(res.history)
 
-    # final: full-resolution closed-form depths, output frame
+    # final: the output frame (world = camera 0 when no pose is known: the objective is invariant
+    # to it), then full-resolution closed-form depths directly in that frame
+    if n_known == 0:
+        res = to_first_camera(res)
     with torch.no_grad():
         pts_out, conf_out, w_out, final_loss = solve_full_resolution(inp, W1, W2, res, pp, opts.final_irls)
     clock("final_s")
@@ -234,7 +237,9 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
     poses[:, :3, :3] = res.R.double().cpu().numpy()
     poses[:, :3, 3] = res.c.double().cpu().numpy() * inp.scale
     pts_np = [p.cpu().numpy() * inp.scale for p in pts_out]
-    poses, pts_np = output_gauge(poses, pts_np, n_known)
+    poses = output_gauge(poses)
+    if n_known == 0:
+        poses[0] = np.eye(4)  # exactly (float32 round-off of R0^T R0 otherwise)
     Ks = np.tile(np.eye(3), (V, 1, 1))
     fv = res.f.double().cpu().numpy()
     Ks[:, 0, 0] = Ks[:, 1, 1] = fv

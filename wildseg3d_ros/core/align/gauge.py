@@ -6,20 +6,23 @@
   world is moved rigidly onto it.
 * :func:`align_poses` — that similarity, fitted on the camera centres and two points along each
   camera's x and z axes.
-* :func:`output_gauge` — after optimising: world = camera 0 when no pose is known;
-  rotations re-orthonormalised.
+* :func:`to_first_camera` — after optimising, when no pose is known: world = camera 0 (the
+  final depth solve then writes the points in that frame); :func:`output_gauge` re-orthonormalises
+  the output rotations.
 
 Fitting a finished reconstruction to known camera poses afterwards (the world frame of the
 pipeline) is not done here.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from .init import InitState, batched_umeyama
 
-__all__ = ["align_poses", "apply_known_pose_gauge", "output_gauge"]
+__all__ = ["align_poses", "apply_known_pose_gauge", "output_gauge", "to_first_camera"]
 
 
 def align_poses(R_est, c_est, T_known):
@@ -64,16 +67,16 @@ def apply_known_pose_gauge(st: InitState, known_poses, known_mask) -> tuple:
     return st.replace(cam_R=cam_R, cam_c=cam_c, e_s=e_s, e_R=e_R, e_t=e_t), norm_scale
 
 
-def output_gauge(poses: np.ndarray, pts: list, n_known: int):
-    """World = camera 0 when nothing is known (the loss is invariant to it); rotations
-    re-orthonormalised (float32 round-off). poses (V,4,4) float64, pts list of (H,W,3)."""
+def to_first_camera(res):
+    """An optimiser result expressed with camera 0 as the world (its pose becomes identity)."""
+    R0, c0 = res.R[0], res.c[0]
+    return replace(res, R=R0.T @ res.R, c=(res.c - c0) @ R0, Re=R0.T @ res.Re, te=(res.te - c0) @ R0)
+
+
+def output_gauge(poses: np.ndarray) -> np.ndarray:
+    """Rotations re-orthonormalised (float32 round-off) of camera-to-world poses (V,4,4)."""
     poses = poses.copy()
-    if n_known == 0:
-        G = np.linalg.inv(poses[0])
-        poses = G @ poses
-        poses[0] = np.eye(4)
-        pts = [(p.reshape(-1, 3) @ G[:3, :3].T + G[:3, 3]).reshape(p.shape) for p in pts]
     for v in range(len(poses)):
         U, _, Vt = np.linalg.svd(poses[v, :3, :3])
         poses[v, :3, :3] = U @ np.diag([1, 1, np.linalg.det(U @ Vt)]) @ Vt
-    return poses, pts
+    return poses

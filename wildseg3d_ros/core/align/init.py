@@ -64,20 +64,21 @@ def pixel_grid(h: int, w: int, device=None, dtype=torch.float32):
     return torch.stack([u.reshape(-1), v.reshape(-1)], -1)
 
 
-def estimate_focal(pts_cam, pp, weights=None, iters: int = 10):
-    """Focal (pixels) of a camera-frame pointmap (H, W, 3) with principal point ``pp`` (2,).
+def estimate_focal(pts_cam, pp, weights=None, iters: int = 10, stride: int = 1):
+    """Focal (pixels) of a camera-frame pointmap (H, W, 3) with principal point ``pp`` (2,)
+    (``stride``: the map is every stride-th row and column of the image, pp in image pixels).
 
     Minimises sum_p w_p || (u_p - pp) - f (x_p, y_p)/z_p || by IRLS (Weiszfeld), starting from
     the least-squares solution, like DUSt3R's ``estimate_focal_knowing_depth(focal_mode=
     'weiszfeld')``. Points with z <= 0 or zero weight are ignored."""
     h, w = pts_cam.shape[:2]
-    pix = pixel_grid(h, w, pts_cam.device, pts_cam.dtype) - pp.to(pts_cam)
+    pix = pixel_grid(h, w, pts_cam.device, pts_cam.dtype) * stride - pp.to(pts_cam)
     p = pts_cam.reshape(-1, 3)
     ok = torch.isfinite(p).all(-1) & (p[:, 2] > 1e-9)
     if weights is not None:
         ok &= weights.reshape(-1) > 0
     if int(ok.sum()) < 3:
-        return float(max(h, w) / (2 * np.tan(np.deg2rad(60) / 2)))
+        return float(max(h, w) * stride / (2 * np.tan(np.deg2rad(60) / 2)))
     xy = p[ok, :2] / p[ok, 2:3]
     px = pix[ok]
     dxp = (xy * px).sum(-1)
@@ -88,7 +89,7 @@ def estimate_focal(pts_cam, pp, weights=None, iters: int = 10):
         dis = (px - f * xy).norm(dim=-1)
         wt = 1.0 / dis.clamp_min(1e-8)
         f = (wt * dxp).sum() / (wt * dxx).sum().clamp_min(1e-12)
-    base = max(h, w) / (2 * np.tan(np.deg2rad(60) / 2))
+    base = max(h, w) * stride / (2 * np.tan(np.deg2rad(60) / 2))
     return float(f.clamp(0.2 * base, 10 * base))
 
 
@@ -191,13 +192,13 @@ def initialise(inp, W1, W2, pp, known_focal_mask, known_focals, gen, cancel=None
     pts_w = [None] * V
     e0 = order[0]
     pts_w[edges[e0][0]], pts_w[edges[e0][1]] = X1(e0).double(), X2(e0).double()
-    for e in order[1:]:
+    for e in order[1:]:  # similarity fits on every other row / column, applied to the full map
         i, j = edges[e]
         if pts_w[i] is not None:
-            s, R, t = _sim(X1(e), pts_w[i], W1[e])
+            s, R, t = _sim(X1(e)[::2, ::2], pts_w[i][::2, ::2], W1[e][::2, ::2])
             pts_w[j] = s * X2(e).double() @ R.T + t
         else:
-            s, R, t = _sim(X2(e), pts_w[j], W2[e])
+            s, R, t = _sim(X2(e)[::2, ::2], pts_w[j][::2, ::2], W2[e][::2, ::2])
             pts_w[i] = s * X1(e).double() @ R.T + t
 
     pp_t = torch.as_tensor(pp, dtype=torch.float32, device=dev)
@@ -210,10 +211,10 @@ def initialise(inp, W1, W2, pp, known_focal_mask, known_focals, gen, cancel=None
         own = [e for e, _ in inp.slots[v] if edges[e][0] == v]
         if own:
             e = max(own, key=lambda k: scores[k])
-            x1 = X1(e)
-            _, R, t = _sim(x1, pts_w[v], W1[e])
+            x1 = X1(e)[::2, ::2]  # every other row / column: the same fit at a quarter of the cost
+            _, R, t = _sim(x1, pts_w[v][::2, ::2], W1[e][::2, ::2])
             cam_R[v], cam_c[v] = R, t
-            focal0[v] = estimate_focal(x1, pp_t[v], W1[e])
+            focal0[v] = estimate_focal(x1, pp_t[v], W1[e][::2, ::2], stride=2)
         else:
             focal0[v] = np.nan
     for v in range(V):

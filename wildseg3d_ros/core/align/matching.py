@@ -134,22 +134,22 @@ def _fit_projection(P, valid, max_points: int = 20000):
     return M, ok
 
 
-def _window_nn(query, grid, grid2, centre, radius, wp):
+def _window_nn(query, grid, centre, radius, wp):
     """Nearest grid point of each query point in a (2r+1)^2 window around its centre cell.
 
-    grid: (cells, 3) padded organised points (empty cells far away), grid2 their squared norms
-    (empty cells: huge, never the minimum next to a real point); centre: (n,) flat indices in
-    the padded grid (at least ``radius`` cells from its border). Returns (distance, flat index)."""
+    grid: (3, cells) padded organised points, planar (empty cells far away); centre: (n,) flat
+    indices in the padded grid (at least ``radius`` cells from its border). Returns (distance,
+    flat index)."""
     off = torch.arange(-radius, radius + 1, device=query.device)
     offs = (off[:, None] * wp + off[None, :]).reshape(-1)
-    idx = centre[:, None] + offs                               # (n, K)
-    cand = grid.index_select(0, idx.reshape(-1)).reshape(idx.shape + (3,))
-    # |c - q|^2 = |c|^2 - 2 c.q + |q|^2, the dot products as one batched matmul
-    d2 = torch.baddbmm(grid2.index_select(0, idx.reshape(-1)).reshape(idx.shape + (1,)), cand,
-                       query[:, :, None], alpha=-2.0)[..., 0]
+    idx = (centre[:, None] + offs).reshape(-1)                 # (n * K,)
+    K = len(offs)
+    d2 = None
+    for c in range(3):  # planar gathers: three 1-D index_selects instead of one of 3-vectors
+        diff = grid[c].index_select(0, idx).view(-1, K) - query[:, c:c + 1]
+        d2 = diff * diff if d2 is None else d2.addcmul_(diff, diff)
     best, k = d2.min(1)
-    best = (best + query.square().sum(-1)).clamp_min(0)
-    return best.sqrt(), idx.gather(1, k[:, None])[:, 0]
+    return best.sqrt(), idx.view(-1, K).gather(1, k[:, None])[:, 0]
 
 
 def _projective_batch(A, B, va, vb, threshold, radius, mutual):
@@ -183,12 +183,12 @@ def _projective_batch(A, B, va, vb, threshold, radius, mutual):
     pad_a = (torch.arange(Bn, device=dev)[:, None] * (hp * wp) + pad_local).reshape(-1)  # (Bn*na,)
     far = 1e3 * (float(torch.maximum(Pa.abs().max(), Pb.abs().max())) + 1.0) if len(Pa) else 1.0
     # B -> A: window search in A's own (padded) grid
-    grid_a = torch.full((Bn * hp * wp, 3), far, dtype=dt, device=dev)
-    grid_a[pad_a[oka]] = Pa[oka]
+    grid_a = torch.full((3, Bn * hp * wp), far, dtype=dt, device=dev)
+    grid_a[:, pad_a[oka]] = Pa[oka].T
     d_ba = torch.full((Bn * nb,), float("inf"), dtype=dt, device=dev)
     n_ba = torch.full((Bn * nb,), -1, dtype=torch.long, device=dev)
     if len(ib):
-        d, pidx = _window_nn(Pb[ib], grid_a, grid_a.square().sum(-1), pcell, r, wp)
+        d, pidx = _window_nn(Pb[ib], grid_a, pcell, r, wp)
         bi, loc = pidx // (hp * wp), pidx % (hp * wp)
         d_ba[ib] = d
         n_ba[ib] = bi * na + (loc // wp - r) * w + (loc % wp - r)          # back to A's flat index
@@ -199,11 +199,11 @@ def _projective_batch(A, B, va, vb, threshold, radius, mutual):
     owner = torch.full((Bn * na,), -1, dtype=torch.long, device=dev)
     owner = owner.scatter_reduce(0, cell, torch.where(win, ib, torch.full_like(ib, -1)), reduce="amax")
     own = owner >= 0
-    grid_b = torch.full((Bn * hp * wp, 3), far, dtype=dt, device=dev)
-    grid_b[pad_a[own]] = Pb[owner[own]]
+    grid_b = torch.full((3, Bn * hp * wp), far, dtype=dt, device=dev)
+    grid_b[:, pad_a[own]] = Pb[owner[own]].T
     owner_p = torch.full((Bn * hp * wp,), -1, dtype=torch.long, device=dev)
     owner_p[pad_a] = owner
-    d_ab, pidx = _window_nn(Pa, grid_b, grid_b.square().sum(-1), pad_a, r, wp)
+    d_ab, pidx = _window_nn(Pa, grid_b, pad_a, r, wp)
     n_ab = owner_p[pidx]
     ra = threshold * Pa.norm(dim=-1)
     rb = threshold * Pb.norm(dim=-1)
@@ -220,9 +220,11 @@ def _projective_batch(A, B, va, vb, threshold, radius, mutual):
     return fa.reshape(Bn, h, w), fb.reshape(Bn, hb, wb)
 
 
-def _prepare(pts, valid, device):
+def _prepare(pts, valid, device, finite=False):
     P = torch.as_tensor(pts, device=device)
     P = P if P.dtype in (torch.float32, torch.float64) else P.float()
+    if finite and valid is not None:  # the caller guarantees finite points (aligner inputs)
+        return P, torch.as_tensor(valid, device=device).bool()
     v = torch.isfinite(P).all(-1)
     if valid is not None:
         v &= torch.as_tensor(valid, device=device).bool()
@@ -249,23 +251,24 @@ def projective_matches(pts_a, pts_b, valid_a=None, valid_b=None, threshold: floa
 
 
 def projective_matches_batch(pairs, threshold: float = 0.03, stride: int = 1, radius: int = 2,
-                             mutual: bool = False, max_batch_points: int = 1 << 19):
+                             mutual: bool = False, max_batch_points: int = 1 << 19, finite: bool = False):
     """:func:`projective_matches` of many pairs ``[(pts_a, pts_b, valid_a, valid_b), ...]`` at
     once (consecutive pairs of equal shapes share batched tensor operations, up to
-    ``max_batch_points`` subsampled points per batch). Returns a list of (mask_a, mask_b)."""
+    ``max_batch_points`` subsampled points per batch). ``finite=True``: the points are known to
+    be finite (the valid masks are used as they are). Returns a list of (mask_a, mask_b)."""
     out = []
     s = max(int(stride), 1)
     k = 0
     while k < len(pairs):
-        A0, va0 = _prepare(pairs[k][0], pairs[k][2], None)
+        A0, va0 = _prepare(pairs[k][0], pairs[k][2], None, finite)
         dev = A0.device
-        items = [(A0, va0) + _prepare(pairs[k][1], pairs[k][3], dev)]
+        items = [(A0, va0) + _prepare(pairs[k][1], pairs[k][3], dev, finite)]
         shape = (tuple(A0.shape), tuple(items[0][2].shape))
         per = max(1, (A0.shape[0] // s + 1) * (A0.shape[1] // s + 1))
         k += 1
         while k < len(pairs) and len(items) * per < max_batch_points:
-            A1, v1 = _prepare(pairs[k][0], pairs[k][2], dev)
-            B1, w1 = _prepare(pairs[k][1], pairs[k][3], dev)
+            A1, v1 = _prepare(pairs[k][0], pairs[k][2], dev, finite)
+            B1, w1 = _prepare(pairs[k][1], pairs[k][3], dev, finite)
             if (tuple(A1.shape), tuple(B1.shape)) != shape:
                 break
             items.append((A1, v1, B1, w1))

@@ -51,6 +51,11 @@ def _cross(a, b):
     return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
 
 
+def _axial(M):
+    """(..., 3, 3) moment matrices sum x y^T -> (..., 3) sum x cross y (their axial vector)."""
+    return torch.stack([M[..., 1, 2] - M[..., 2, 1], M[..., 2, 0] - M[..., 0, 2], M[..., 0, 1] - M[..., 1, 0]], -1)
+
+
 def _dot(a, b):
     return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 
@@ -137,10 +142,11 @@ def _view_blocks(a, d, z, r, om, e3):
     # gradient
     omr = r * om                                                     # (3, Vc, S, N)
     rho = omr.sum(2)                                                 # (3, Vc, N)
-    g[:, 0, :3] = (d * _cross(a, rho)).sum(-1).T
+    g[:, 0, :3] = _axial(torch.bmm(aT * d[:, None], rho.permute(1, 2, 0)))     # sum d a x rho
     g[:, 0, 3:6] = rho.sum(-1).T
     g[:, 0, 6] = (d * _dot(qv, rho)).sum(-1)
-    g[:, 1:, :3] = _cross(omr, z).sum(-1).permute(1, 2, 0)
+    omrT = omr.permute(1, 2, 0, 3).reshape(Vc * S, 3, N)
+    g[:, 1:, :3] = _axial(torch.bmm(omrT, zT.reshape(Vc * S, 3, N).transpose(1, 2))).reshape(Vc, S, 3)  # sum om r x z
     g[:, 1:, 3:6] = -omr.sum(-1).permute(1, 2, 0)
     g[:, 1:, 6] = -_dot(omr, z).sum(-1)
     H = H.reshape(Vc, P, P)
@@ -148,13 +154,15 @@ def _view_blocks(a, d, z, r, om, e3):
     # Schur complement of the depths: b = J^T om a per pixel, h = sum om |a|^2
     h = Om * _dot(a, a)
     gd = _dot(a, rho)
-    B = torch.zeros(Vc, S + 1, 7, N, dtype=dt, device=dev)
+    B = torch.empty(Vc, S + 1, 7, N, dtype=dt, device=dev)
+    B[:, 0, :3] = 0.0
     B[:, 0, 3:6] = aT * Om[:, None]
     B[:, 0, 6] = Om * d * _dot(qv, a)
     az = _cross(a[:, :, None], z) * om                               # (3, Vc, S, N)
     B[:, 1:, :3] = az.permute(1, 2, 0, 3)
-    B[:, 1:, 3:6] = -(aT[:, None] * om[:, :, None])
-    B[:, 1:, 6] = -_dot(a[:, :, None], z) * om
+    nom = -om
+    B[:, 1:, 3:6] = aT[:, None] * nom[:, :, None]
+    B[:, 1:, 6] = _dot(a[:, :, None], z) * nom
     B = B.reshape(Vc, P, N)
     hinv = torch.where(h > 0, 1.0 / h.clamp_min(1e-300), torch.zeros_like(h))
     Bh = B * hinv[:, None]
@@ -170,7 +178,7 @@ class _State:
         self.R, self.c, self.f, self.eR, self.et, self.el = R, c, f, eR, et, el
 
 
-def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol: float = 1e-7,
+def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol: float = 1e-5,
                           lm_lambda: float = 1e-4, max_view_chunk_residuals: int = 1 << 19,
                           progress: Optional[Callable] = None,
                           cancel: Optional[Callable[[], bool]] = None) -> OptimResult:

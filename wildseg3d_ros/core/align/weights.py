@@ -129,7 +129,7 @@ def edge_weights(inp, soft_masks=None, weighting: str = "dga", alpha_p: float = 
                 st = match_stride or auto_stride(*inp.shapes[inp.edges[e0][0]], max_points=match_points)
                 got = projective_matches_batch([(inp.pts1[e], inp.pts2[e], inp.ct1[e] > 0, inp.ct2[e] > 0)
                                                 for e in es], threshold=match_threshold, stride=st,
-                                               radius=match_radius, mutual=mutual)
+                                               radius=match_radius, mutual=mutual, finite=True)
                 for e, (m1, m2) in zip(es, got):
                     M1[e], M2[e] = m1, m2
     elif cancel is not None and cancel():
