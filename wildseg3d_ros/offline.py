@@ -762,7 +762,7 @@ def run_segment(args) -> dict:
                           points_per_side=args.points_per_side)
     cfg = PipelineConfig(backend=args.backend, backend_kwargs=backend_kwargs, segmenter=args.segmenter,
                          segmenter_kwargs=seg_kwargs, scene_graph=args.scene_graph, device=args.device,
-                         iterations=args.iterations, weighting=args.weighting,
+                         iterations=args.iterations, weighting=args.weighting, optimizer=args.optimizer,
                          use_pose_priors=have_poses and not args.ignore_poses)
     t = time.perf_counter()
     _log(f"building backend '{args.backend}' and segmenter '{args.segmenter}' on {args.device}", args.quiet)
@@ -968,6 +968,9 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
     m.add_argument("--weighting", choices=("dga", "confidence"), default="dga",
                    help="alignment weights: dga (paper) or confidence (DUSt3R baseline)")
+    m.add_argument("--optimizer", choices=("gauss_newton", "adam"), default="gauss_newton",
+                   help="alignment optimiser: gauss_newton (default, tens of iterations) or adam "
+                        "(the reference, --iterations steps)")
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
     m.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     m.add_argument("--mgm-voxel", type=float, default=0.0, help="MGM floater-filter voxel (m); 0 = automatic")

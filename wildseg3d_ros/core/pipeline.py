@@ -33,6 +33,7 @@ class PipelineConfig:
     iterations: int = 500
     weighting: str = "dga"
     match_threshold: float = 0.03
+    optimizer: str = "gauss_newton"   # or "adam" (the reference optimiser)
     # use odometry/TF poses (registration initialisation in the backend, output frame);
     # pose_prior_weight > 0 also ties DGA's poses to them (inf: keep them fixed, for trusted poses)
     use_pose_priors: bool = True
@@ -105,7 +106,7 @@ class ReconstructionPipeline:
                                  pose_prior_weight=cfg.pose_prior_weight if priors is not None else 0.0,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
-                                 device=cfg.device, cancel=cancel)
+                                 optimizer=cfg.optimizer, device=cfg.device, cancel=cancel)
         except AlignmentError as e:
             raise PipelineError(f"alignment failed: {e}") from e
         t["alignment_s"] = time.perf_counter() - t2

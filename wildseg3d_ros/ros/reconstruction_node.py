@@ -95,7 +95,11 @@ PARAMS = [
               check=check_device),
     ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
     ParamSpec("dga.alpha_n", 0.9, "DGA alpha magnitude for non-matching points (paper: 0.9).", -0.99, 0.99),
-    ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500).", 1, 10000),
+    ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500; Adam steps, the cap of the "
+              "gauss_newton optimiser's at most 30).", 1, 10000),
+    ParamSpec("dga.optimizer", "gauss_newton", "Alignment optimiser: gauss_newton (Levenberg-Marquardt, "
+              "converges in tens of iterations) or adam (the reference: dga.iterations Adam steps).",
+              choices=("gauss_newton", "adam")),
     ParamSpec("dga.weighting", "dga", "Per-point weights: dga (paper) or confidence (DUSt3R baseline).",
               choices=("dga", "confidence")),
     ParamSpec("dga.match_threshold", 0.03, "Reciprocal-NN match distance, relative to depth.", 1e-4, 1.0),
@@ -261,6 +265,7 @@ class ReconstructionNode(NodeCommonMixin, Node):
                               segmenter_kwargs=seg_kwargs, scene_graph=p["scene_graph"], device=p["device"],
                               alpha_p=p["dga.alpha_p"], alpha_n=p["dga.alpha_n"], iterations=p["dga.iterations"],
                               weighting=p["dga.weighting"], match_threshold=p["dga.match_threshold"],
+                              optimizer=p["dga.optimizer"],
                               use_pose_priors=p["use_pose_priors"])
 
     def _ensure_pipeline(self) -> Optional[ReconstructionPipeline]:
