@@ -153,3 +153,21 @@ def test_projective_matching_is_covisibility():
     ma_s, _ = projective_matches(a, b, threshold=0.06, stride=2)
     ma_s = ma_s.numpy()
     assert ma_s[vis].mean() > 0.85 and ma_s[~vis].mean() < 0.25
+
+
+def test_pcg_solver_matches_cholesky(scene, monkeypatch):
+    """The conjugate-gradient step (used for large systems) reaches the same alignment as the
+    dense Cholesky step."""
+    import functools
+
+    import wildseg3d_ros.core.align.dga as dga
+    from wildseg3d_ros.core.align import optimise_gn
+
+    pairs, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05)
+    out = {}
+    for solver in ("cholesky", "pcg"):
+        monkeypatch.setattr(dga, "optimise_gauss_newton",
+                            functools.partial(optimise_gn.optimise_gauss_newton, solver=solver))
+        out[solver] = align_global(pairs, iterations=100)
+    np.testing.assert_allclose(out["pcg"].poses, out["cholesky"].poses, atol=2e-4)
+    assert out["pcg"].loss == pytest.approx(out["cholesky"].loss, rel=1e-3)

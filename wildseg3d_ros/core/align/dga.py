@@ -58,8 +58,9 @@ class AlignOptions:
     lr, lr_min_ratio: Adam's initial learning rate and its cosine floor (lr * lr_min_ratio).
     gn_iterations, gn_tolerance: Gauss-Newton's most outer iterations and its stopping
         tolerance (relative decrease of the objective, twice in a row).
-    gn_max_residuals: Gauss-Newton's subsample is ``num_samples`` pixels per view, fewer when
-        E * 2 * n would exceed this (the per-iteration cost grows with the pairs), never < 1024.
+    gn_schur_budget: Gauss-Newton's subsample is ``num_samples`` pixels per view, fewer when the
+        per-iteration Schur term, V * n * (7 (S + 1))^2 multiply-adds with S slots per view, would
+        exceed this (large complete graphs), never fewer than 1024.
     match_threshold: tau of the co-visibility test (relative to point distance), see matching.py.
     matcher: 'projective' (default, torch on the device) or 'kdtree' (scipy, the reference);
         match_stride (None: automatic), match_radius (projective window), match_points (points
@@ -81,7 +82,7 @@ class AlignOptions:
     lr_min_ratio: float = 0.01
     gn_iterations: int = 30
     gn_tolerance: float = 1e-5
-    gn_max_residuals: int = 1 << 21
+    gn_schur_budget: int = 1 << 30
     match_threshold: float = 0.03
     matcher: str = "projective"
     match_stride: Optional[int] = None
@@ -218,7 +219,8 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
         res = optimise_adam(init, inp.edges, smp.uv, Xs, Ws, prob, opts.iterations, opts.lr,
                             opts.lr_min_ratio, progress, cancel)
     else:
-        n = max(1024, min(int(opts.num_samples), int(opts.gn_max_residuals) // (2 * E)))
+        S_max = max(len(sl) for sl in inp.slots)
+        n = max(1024, int(opts.gn_schur_budget) // (V * (7 * (S_max + 1)) ** 2))
         smp = draw_samples(inp, W1, W2, min(n, int(opts.num_samples)), gen)
         res = optimise_gauss_newton(init, view_major(inp, W1, W2, smp), smp.uv, prob,
                                     min(int(opts.iterations), int(opts.gn_iterations)), opts.gn_tolerance,

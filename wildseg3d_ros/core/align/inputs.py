@@ -137,16 +137,22 @@ def prepare_inputs(pairs, num_views: Optional[int] = None, conf_mode: str = "aut
     # confidences, validity (non-finite points -> 0 with confidence 0)
     if conf_mode == "auto":  # 'log' when every finite confidence is >= 1 (DUSt3R's 1 + exp(x))
         inf = float("inf")
-        lo = torch.stack([torch.nan_to_num(c, nan=inf, posinf=inf, neginf=inf).amin() for c in C1 + C2])
-        fin = torch.isfinite(lo)  # smallest finite value per map (inf: none)
+        lo = []
+        for c in C1 + C2:  # smallest finite value per map (inf: none)
+            m = c.amin() if c.numel() else torch.tensor(inf)
+            if not bool(torch.isfinite(m)):  # NaN / inf present: ignore them
+                m = torch.nan_to_num(c, nan=inf, posinf=inf, neginf=inf).amin()
+            lo.append(m)
+        lo = torch.stack(lo)
+        fin = torch.isfinite(lo)
         conf_mode = "log" if bool(fin.any()) and bool((lo[fin] >= 1).all()) else "raw"
     Ct1, Ct2 = [], []
     total = 0.0
     for lst_x, lst_c, out in ((X1, C1, Ct1), (X2, C2, Ct2)):
         for k in range(E):
-            ok = torch.isfinite(lst_x[k]).all(-1)
             c = transform_confidence(lst_c[k], conf_mode)
-            if not bool(ok.all()):
+            if not bool(torch.isfinite(lst_x[k]).all()):  # one pass when everything is finite
+                ok = torch.isfinite(lst_x[k]).all(-1)
                 c = torch.where(ok, c, torch.zeros_like(c))
                 lst_x[k] = torch.where(ok[..., None], lst_x[k], torch.zeros_like(lst_x[k]))
             out.append(c)
