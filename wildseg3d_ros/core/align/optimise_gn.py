@@ -224,7 +224,7 @@ class _State:
 
 def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol: float = 1e-5,
                           lm_lambda: float = 1e-4, max_view_chunk_residuals: int = 1 << 19,
-                          solver: str = "auto", pcg_above: int = 1500, pcg_tol: float = 1e-6,
+                          solver: str = "auto", pcg_above: int = 4000, pcg_tol: float = 1e-6,
                           pcg_iters: int = 400, progress: Optional[Callable] = None,
                           cancel: Optional[Callable[[], bool]] = None) -> OptimResult:
     """LM / IRLS on the view-major subsample ``vm`` (subsample.ViewMajor), pixels ``uv`` (V,n,2).
@@ -234,8 +234,8 @@ def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol
     of L stayed below ``tol`` twice or no damped step lowers it. solver: 'cholesky' (dense),
     'pcg' (conjugate gradients preconditioned by the 7x7 diagonal blocks, to ``pcg_tol``
     relative residual: an inexact step the LM test still checks) or 'auto' (pcg above
-    ``pcg_above`` free parameters: a 20-view complete graph has 2800, whose dense Cholesky
-    costs more than the rest of the iteration)."""
+    ``pcg_above`` unknowns: a 30-view complete graph has 6300, whose dense Cholesky costs more
+    than the rest of the iteration; at 2800 (20 views) both take ~0.5 s here)."""
     X, W, slot_e, slot_ok = vm.X, vm.W, vm.slot_e, vm.slot_ok
     dev, dt = X.device, X.dtype
     V, S, N = W.shape
@@ -269,12 +269,11 @@ def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol
     cam_free[kfm, 6] = False
     L_idx = 7 * V + 7 * torch.arange(E, device=dev) + 6
 
-    # per-view local -> global parameter index (-1: padding slot)
-    loc = torch.full((V, 7 * (S + 1)), -1, dtype=torch.long, device=dev)
-    ar7 = torch.arange(7, device=dev)
-    loc[:, :7] = 7 * torch.arange(V, device=dev)[:, None] + ar7
-    eg = 7 * V + 7 * slot_e[..., None] + ar7                       # (V, S, 7)
-    loc[:, 7:] = torch.where(slot_ok[..., None], eg, torch.full_like(eg, -1)).reshape(V, -1)
+    # per-view local -> global 7-blocks: [camera v, edge of slot 0, ...]; padding slots go to a
+    # dummy block (index V + E) that is cut away
+    nblk = V + E
+    blk = torch.cat([torch.arange(V, device=dev)[:, None],
+                     torch.where(slot_ok, V + slot_e, torch.full_like(slot_e, nblk))], 1)   # (V, S+1)
 
     def log_scales(el):
         return el - el.mean() + prob.log_scale_mean if prob.norm_scale else el
@@ -321,20 +320,22 @@ def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol
     def normal_equations(s: _State, cache):
         a, z, y, d, r, rn = cache
         P = 7 * V + 7 * E
-        H = torch.zeros(P, P, dtype=dt, device=dev)
-        g = torch.zeros(P, dtype=dt, device=dev)
+        Hb = torch.zeros(nblk + 1, nblk + 1, 7, 7, dtype=dt, device=dev)   # block layout
+        gb = torch.zeros(nblk + 1, 7, dtype=dt, device=dev)
         om = W / rn.clamp_min(RES_EPS) / norm_s                       # (V, S, N)
         chunk = max(1, max_view_chunk_residuals // max(S * N, 1))
         for v0 in range(0, V, chunk):
             vs = slice(v0, min(V, v0 + chunk))
             Hv, gv = _view_blocks(a[:, vs], d[vs], z[:, vs], r[:, vs], om[vs], s.R[vs][:, :, 2])
             Vc = Hv.shape[0]
-            for q in range(Vc):
-                ix = loc[v0 + q]
-                m = ix >= 0
-                ixm = ix[m]
-                H[ixm[:, None], ixm[None, :]] += Hv[q][m][:, m]
-                g[ixm] += gv[q][m]
+            bi = blk[vs]                                                   # (Vc, S+1)
+            # one accumulating scatter of all (S+1)^2 blocks of the chunk's views (sequential on
+            # the CPU: deterministic)
+            Hb.index_put_((bi[:, :, None].expand(Vc, S + 1, S + 1), bi[:, None, :].expand(Vc, S + 1, S + 1)),
+                          Hv.reshape(Vc, S + 1, 7, S + 1, 7).permute(0, 1, 3, 2, 4), accumulate=True)
+            gb.index_put_((bi,), gv.reshape(Vc, S + 1, 7), accumulate=True)
+        H = Hb[:nblk, :nblk].permute(0, 2, 1, 3).reshape(P, P)
+        g = gb[:nblk].reshape(P)
         if soft:
             eye3 = torch.eye(3, dtype=dt, device=dev)
             for v in torch.nonzero(kpm).reshape(-1).tolist():
@@ -351,11 +352,17 @@ def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol
             H[:, L_idx] -= H[:, L_idx].mean(1, keepdim=True)
             H[L_idx, :] -= H[L_idx, :].mean(0, keepdim=True)
             g[L_idx] -= g[L_idx].mean()
-        return H[free][:, free], g[free]
+        # fixed unknowns (gauge, known poses / focals): identity rows and columns, zero gradient
+        fixed = torch.nonzero(~free).reshape(-1)
+        if fixed.numel():
+            H[fixed, :] = 0.0
+            H[:, fixed] = 0.0
+            H[fixed, fixed] = 1.0
+            g[fixed] = 0.0
+        return H, g
 
     def apply(s: _State, delta):
-        full = torch.zeros(7 * V + 7 * E, dtype=dt, device=dev)
-        full[free] = delta
+        full = torch.where(free, delta, torch.zeros_like(delta))
         dc = full[:7 * V].view(V, 7)
         de = full[7 * V:].view(E, 7)
         return _State(_exp(dc[:, :3]) @ s.R, s.c + dc[:, 3:6], s.f * torch.exp(dc[:, 6]),
@@ -378,7 +385,8 @@ def optimise_gauss_newton(init, vm, uv, prob: Problem, iterations: int = 30, tol
         accepted = False
         use_pcg = solver == "pcg" or (solver == "auto" and H.shape[0] > pcg_above)
         for _ in range(12):
-            A = H + lam * torch.diag(diag)
+            A = H.clone()
+            A.diagonal().add_(diag, alpha=lam)
             if use_pcg:
                 delta = _pcg(A, -g, pcg_tol, pcg_iters)
                 if delta is None:
