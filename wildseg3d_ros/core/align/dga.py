@@ -171,7 +171,7 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
     clock = _Clock(tm, opts.device)
     inp = prepare_inputs(pairs, num_views, opts.conf_mode, opts.device)
     clock("inputs_s")
-    V, E, dev = inp.num_views, inp.num_edges, inp.device
+    V, dev = inp.num_views, inp.device
 
     S = None
     if soft_masks is not None:
