@@ -82,7 +82,7 @@ class AlignOptions:
     lr_min_ratio: float = 0.01
     gn_iterations: int = 30
     gn_tolerance: float = 1e-5
-    gn_schur_budget: int = 1 << 30
+    gn_schur_budget: int = 3 << 29
     match_threshold: float = 0.03
     matcher: str = "projective"
     match_stride: Optional[int] = None
