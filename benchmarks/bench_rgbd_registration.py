@@ -2,7 +2,7 @@
 
 Measures, on adjacent keyframe pairs,
 
-* the embedded synthetic scene (``core.synthetic.render_sequence``, 5 views 640x480, exact depth,
+* the embedded synthetic scene (``sim.tabletop.render_sequence``, 5 views 640x480, exact depth,
   ground-truth poses, drifted odometry), and
 * real Kinect data ``../shared/data/rgbd_room`` (5 frames 640x480; reference = SLAM poses, not
   ground truth; skipped with a message when absent),

@@ -1,4 +1,6 @@
-"""align_global: pose recovery, priors, determinism, input formats, degenerate inputs, DGA weighting."""
+"""align_global: pose recovery, priors, determinism, input formats, degenerate inputs, DGA weighting.
+
+Every test runs with both optimisers: the default Gauss-Newton and the Adam reference."""
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module", params=["gauss_newton", "adam"])
+def optimizer(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def scene():
     return sphere_scene(4, 64, 48, seed=0)
@@ -34,8 +41,8 @@ def pairs(scene):
 
 
 @pytest.fixture(scope="module")
-def result(pairs):
-    return align_global(pairs, iterations=ITERS)
+def result(pairs, optimizer):
+    return align_global(pairs, iterations=ITERS, optimizer=optimizer)
 
 
 def _pts_error(sc, sv):
@@ -69,31 +76,31 @@ def test_recovers_ground_truth(result, scene):
     assert sc.weights.shape == (4, 48, 64) and float(sc.weights.min()) >= 0 and float(sc.weights.max()) < 1
 
 
-def test_no_iterations_is_only_the_initialisation(pairs, scene):
-    sc0 = align_global(pairs, iterations=0)
+def test_no_iterations_is_only_the_initialisation(pairs, scene, optimizer):
+    sc0 = align_global(pairs, iterations=0, optimizer=optimizer)
     err0 = pose_errors(sc0.poses, scene.poses)
     assert sc0.loss_history == []
     assert err0["rot_deg_max"] > 0.5  # per-pair rotation bias not yet removed: optimisation matters
 
 
-def test_deterministic(pairs, result):
-    sc2 = align_global(pairs, iterations=ITERS)
+def test_deterministic(pairs, result, optimizer):
+    sc2 = align_global(pairs, iterations=ITERS, optimizer=optimizer)
     np.testing.assert_array_equal(sc2.poses, result.poses)
     assert sc2.loss_history == result.loss_history
 
 
-def test_input_formats_agree(scene, result):
+def test_input_formats_agree(scene, result, optimizer):
     ref = result.poses
     for kw in (dict(as_torch=False), dict(as_list=True), dict(as_list=True, as_torch=False)):
         p, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, seed=1, noise=0.003, outlier_frac=0.05, **kw)
-        sc = align_global(p, iterations=ITERS)
+        sc = align_global(p, iterations=ITERS, optimizer=optimizer)
         np.testing.assert_allclose(sc.poses, ref, atol=1e-4)
 
 
-def test_known_poses_hard_and_metric(pairs, scene):
+def test_known_poses_hard_and_metric(pairs, scene, optimizer):
     known = np.full((4, 4, 4), np.nan)
     known[[0, 3]] = scene.poses[[0, 3]]
-    sc = align_global(pairs, known_poses=known, iterations=ITERS)
+    sc = align_global(pairs, known_poses=known, iterations=ITERS, optimizer=optimizer)
     np.testing.assert_allclose(sc.poses[[0, 3]], scene.poses[[0, 3]], atol=1e-5)
     # metric scale: the free views are right without any similarity fit
     assert sc.metric
@@ -101,39 +108,39 @@ def test_known_poses_hard_and_metric(pairs, scene):
     assert err["center_max"] < 0.02 and err["rot_deg_max"] < 0.3, err
 
 
-def test_known_pose_soft_prior_pulls(pairs, scene):
+def test_known_pose_soft_prior_pulls(pairs, scene, optimizer):
     # a wrong prior on view 1 (10 cm off): a strong soft prior follows it, a weak one ignores it
     known = np.full((4, 4, 4), np.nan)
     known[0] = scene.poses[0]
     known[1] = scene.poses[1].copy()
     known[1][:3, 3] += np.array([0.1, 0.0, 0.0])
     known[2] = scene.poses[2]
-    strong = align_global(pairs, known_poses=known, pose_prior_weight=100.0, iterations=ITERS)
-    weak = align_global(pairs, known_poses=known, pose_prior_weight=1e-4, iterations=ITERS)
+    strong = align_global(pairs, known_poses=known, pose_prior_weight=100.0, iterations=ITERS, optimizer=optimizer)
+    weak = align_global(pairs, known_poses=known, pose_prior_weight=1e-4, iterations=ITERS, optimizer=optimizer)
     d_strong = np.linalg.norm(strong.poses[1][:3, 3] - known[1][:3, 3])
     d_weak = np.linalg.norm(weak.poses[1][:3, 3] - known[1][:3, 3])
     assert d_strong < 0.03 < d_weak
 
 
-def test_known_focals_fixed(pairs, scene):
-    sc = align_global(pairs, known_focals=np.full(4, 60.0), iterations=20)
+def test_known_focals_fixed(pairs, scene, optimizer):
+    sc = align_global(pairs, known_focals=np.full(4, 60.0), iterations=20, optimizer=optimizer)
     np.testing.assert_allclose(sc.K[:, 0, 0], 60.0)
-    sc = align_global(pairs, known_focals=np.stack([scene.K] * 4), iterations=20)
+    sc = align_global(pairs, known_focals=np.stack([scene.K] * 4), iterations=20, optimizer=optimizer)
     np.testing.assert_allclose(sc.K, np.stack([scene.K] * 4), atol=1e-4)
 
 
-def test_view_only_seen_as_second_image(scene):
+def test_view_only_seen_as_second_image(scene, optimizer):
     # not symmetrised: view 3 is never view1 -> placed by PnP
     edges = [(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]
     p, _ = synthetic_predictions(scene.depth, scene.K, scene.poses, edges=edges, seed=2, noise=0.003)
-    sc = align_global(p, iterations=ITERS)
+    sc = align_global(p, iterations=ITERS, optimizer=optimizer)
     err = pose_errors(sc.poses, scene.poses)
     assert err["rot_deg_max"] < 0.3 and err["center_max"] < 0.015, err
 
 
-def test_progress_and_cancel(pairs):
+def test_progress_and_cancel(pairs, optimizer):
     calls = []
-    align_global(pairs, iterations=5, progress=lambda i, n, l: calls.append((i, n, l)))
+    align_global(pairs, iterations=5, progress=lambda i, n, l: calls.append((i, n, l)), optimizer=optimizer)
     assert [c[0] for c in calls] == list(range(5)) and all(c[1] == 5 for c in calls)
     assert all(np.isfinite(c[2]) for c in calls)
     n = {"k": 0}
@@ -143,7 +150,7 @@ def test_progress_and_cancel(pairs):
         return n["k"] > 3
 
     with pytest.raises(Cancelled):
-        align_global(pairs, iterations=50, cancel=cancel)
+        align_global(pairs, iterations=50, cancel=cancel, optimizer=optimizer)
 
 
 def _tiny_pairs(edges, conf_value=5.0, H=8, W=10):
@@ -172,7 +179,7 @@ def test_degenerate_inputs():
     assert issubclass(AlignmentError, ValueError)
 
 
-def test_dga_downweights_confident_wrong_pixels(scene):
+def test_dga_downweights_confident_wrong_pixels(scene, optimizer):
     """Pixels displaced off the surface with a *high* confidence (hallucinated occluders):
     they do not match the other view's pointmap, so DGA lowers their weight relative to the
     inliers, while confidence weighting cannot tell them apart."""
@@ -189,7 +196,7 @@ def test_dga_downweights_confident_wrong_pixels(scene):
                       corrupt=corrupt, rot_deg=0.5)
     out = {}
     for w in ("dga", "confidence"):
-        sc = align_global(p, weighting=w, iterations=ITERS)
+        sc = align_global(p, weighting=w, iterations=ITERS, optimizer=optimizer)
         out[w] = sc
     # relative weight of corrupted vs clean pixels, from the per-edge weights of view 0 in edge 0
     from wildseg3d_ros.core.align import dga_weights, pair_matches, transform_confidence
@@ -209,11 +216,11 @@ def test_dga_downweights_confident_wrong_pixels(scene):
 
 
 
-def test_cancel_is_honoured_before_the_loop(pairs):
+def test_cancel_is_honoured_before_the_loop(pairs, optimizer):
     """A reset during matching / initialisation (the long stretch before the first iteration)
     aborts at once: no iteration runs."""
     calls = []
     with pytest.raises(Cancelled, match="matching|initialisation"):
         align_global(pairs, iterations=50, cancel=lambda: True,
-                     progress=lambda i, n, l: calls.append(i))
+                     progress=lambda i, n, l: calls.append(i), optimizer=optimizer)
     assert calls == []

@@ -1,7 +1,7 @@
 """Geometric (weight-free, RGB-D) segmenter: synthetic scenes whose answer is known, and the
 real YCB-Video clutter of ``../shared/data/ycbv_train`` (skipped when absent).
 
-The synthetic scene is ray-cast by ``core.synthetic`` with primitives placed for the hard cases
+The synthetic scene is ray-cast by ``sim.tabletop`` with primitives placed for the hard cases
 of tabletop clutter, all in ONE colour so that only geometry can separate them: a box lying on a
 block (concave contact), an upright can touching the block's side, a thin "marker" (1.8 cm
 square bar) lying on the table, on a textured table in a room.  The depth gets a structured-light

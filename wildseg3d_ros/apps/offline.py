@@ -435,6 +435,7 @@ def flat_params(args) -> dict:
     flat = {
         "backend": args.backend, "segmenter": args.segmenter, "scene_graph": args.scene_graph,
         "device": args.device, "dga.iterations": args.iterations, "dga.weighting": args.weighting,
+        "dga.optimizer": args.optimizer,
         "dust3r.checkpoint": args.checkpoint or "", "dust3r.image_size": args.image_size,
         "dust3r.batch_size": args.batch_size, "sam2.config": args.sam2_config,
         "sfm.refine_intrinsics": bool(args.refine_intrinsics), "sfm.max_pairs_per_view": args.sfm_pairs_per_view,
@@ -549,6 +550,9 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
                    help="sam2: config name inside the sam2 package matching the checkpoint")
     m.add_argument("--points-per-side", type=int, default=16, help="sam2: automatic mask generator grid")
     m.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
+    m.add_argument("--optimizer", choices=("gauss_newton", "adam"), default="gauss_newton",
+                   help="alignment optimiser: gauss_newton (default, tens of iterations) or adam "
+                        "(the reference, --iterations steps)")
     m.add_argument("--weighting", choices=("dga", "confidence"), default="dga",
                    help="alignment weights: dga (paper) or confidence (DUSt3R baseline)")
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")

@@ -28,6 +28,7 @@ _PIPELINE_FLAT = {
     "dga.iterations": "iterations",
     "dga.weighting": "weighting",
     "dga.match_threshold": "match_threshold",
+    "dga.optimizer": "optimizer",
     "dga.pose_prior_weight": "pose_prior_weight",
 }
 
@@ -50,7 +51,8 @@ class PipelineConfig:
     segmenter [segmenter] / segmenter_kwargs [<segmenter>.*]: pre-segmentation ('auto' resolves
     to geometric for metric backends, classical otherwise);
     scene_graph [scene_graph]; device [device] (torch device of the aligner and the models);
-    alpha_p, alpha_n, iterations, weighting, match_threshold [dga.*]: Dynamic Global Aligning;
+    alpha_p, alpha_n, iterations, weighting, match_threshold, optimizer [dga.*]: Dynamic Global
+    Aligning (optimizer gauss_newton, or adam: the reference first-order optimiser);
     use_pose_priors [use_pose_priors]: known camera poses (odometry / TF / a pose file) help the
     reconstruction (registration initialisation, and DGA priors when pose_prior_weight > 0);
     when False they only place the result in the world frame.
@@ -69,6 +71,7 @@ class PipelineConfig:
     iterations: int = 500
     weighting: str = "dga"
     match_threshold: float = 0.03
+    optimizer: str = "gauss_newton"   # or "adam" (the reference optimiser)
     use_pose_priors: bool = True
     pose_prior_weight: float = 0.0
 

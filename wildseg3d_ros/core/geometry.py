@@ -255,8 +255,10 @@ def resect_pinhole(pts_world: np.ndarray, valid: Optional[np.ndarray] = None,
     A[0::2, 8:12] = -un[:, None] * Xh
     A[1::2, 4:8] = Xh
     A[1::2, 8:12] = -vn[:, None] * Xh
-    _, S, Vt = np.linalg.svd(A, full_matrices=False)
-    Pn = Vt[-1].reshape(3, 4)
+    # smallest right singular vector of A from its 12x12 normal matrix (same vector, a fraction
+    # of the cost of the (2n x 12) SVD; the normalisation above keeps it well conditioned)
+    _, evecs = np.linalg.eigh(A.T @ A)
+    Pn = evecs[:, 0].reshape(3, 4)
     P = np.linalg.inv(Un) @ Pn @ Tn
     M = P[:, :3]
     if abs(np.linalg.det(M)) < 1e-15:

@@ -206,7 +206,7 @@ class GroupMapper:
         if self.labels.shape != (V, H, W):
             raise ValueError(f"mask cache labels {self.labels.shape} != scene {(V, H, W)}")
         self.labels = np.where(self.valid, self.labels, 0).astype(np.int32)
-        self._pts_flat = np.where(self.valid[..., None], scene.pts3d, 0).astype(np.float32).reshape(-1, 3)
+        self._pts_flat = np.where(self.valid[..., None], scene.pts3d, 0).astype(np.float32, copy=False).reshape(-1, 3)
         self._rgb_flat = np.asarray(scene.rgb, np.uint8).reshape(-1, 3)
         self.K = _as_view_K(scene.K, V)
         poses = np.asarray(scene.poses, np.float64)
@@ -231,7 +231,9 @@ class GroupMapper:
         sub &= self.valid
         self._kd_flat = np.flatnonzero(sub.ravel())
         self._kd_labels = self.labels.ravel()[self._kd_flat]
-        self.tree = cKDTree(self._pts_flat[self._kd_flat]) if self._kd_flat.size else None
+        # an unbalanced tree builds 2-3x faster and answers the few prompt queries as fast
+        self.tree = (cKDTree(self._pts_flat[self._kd_flat], leafsize=32, balanced_tree=False, compact_nodes=False)
+                     if self._kd_flat.size else None)
         # consistency votes for every labelled pixel + per-object filtered segments
         self.kept = np.zeros((V, H, W), bool)
         self._objects: Dict[int, dict] = {}
@@ -284,15 +286,19 @@ class GroupMapper:
         kept, kept_lab = kept[order], kept_lab[order]
         ids, starts = np.unique(kept_lab, return_index=True)
         ends = np.append(starts[1:], kept.size)
-        all_ids = np.unique(self.labels)
-        all_ids = all_ids[all_ids > 0]
-        for i in all_ids:
+        # every object's raw (unfiltered) pixels from one sort of the labels
+        lab_all = lab_flat.ravel()
+        nz = np.flatnonzero(lab_all > 0)
+        raw_order = nz[np.argsort(lab_all[nz], kind="stable")]
+        raw_ids, raw_starts, raw_counts = np.unique(lab_all[raw_order], return_index=True, return_counts=True)
+        raw_of = {int(i): raw_order[a:a + c] for i, a, c in zip(raw_ids, raw_starts, raw_counts)}
+        for i in sorted(raw_of):
             j = np.searchsorted(ids, i)
             flat = kept[starts[j]:ends[j]] if j < ids.size and ids[j] == i else np.zeros(0, np.int64)
             flat = self._defloat(flat)
             self._objects[int(i)] = self._pack(flat)
             # voxels of the object's raw (unfiltered) masks: what a negative prompt removes
-            raw = np.flatnonzero(lab_flat.ravel() == i)
+            raw = raw_of[int(i)]
             self._objects[int(i)]["raw_keys"] = np.unique(voxel_keys(self._pts_flat[raw], self.voxel))
             self.kept.ravel()[flat] = True
 

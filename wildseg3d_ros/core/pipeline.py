@@ -101,7 +101,7 @@ class ReconstructionPipeline:
                                  pose_prior_weight=prior_w if priors is not None else 0.0,
                                  weighting=cfg.weighting, alpha_p=cfg.alpha_p, alpha_n=cfg.alpha_n,
                                  iterations=cfg.iterations, match_threshold=cfg.match_threshold,
-                                 device=cfg.device, cancel=cancel)
+                                 optimizer=cfg.optimizer, device=cfg.device, cancel=cancel)
         except AlignmentError as e:
             raise PipelineError(f"alignment failed: {e}") from e
         t["alignment_s"] = time.perf_counter() - t2

@@ -69,7 +69,11 @@ PARAMS = [
               check=check_device),
     ParamSpec("dga.alpha_p", 0.5, "DGA alpha for matching points (paper: 0.5).", -0.99, 0.99),
     ParamSpec("dga.alpha_n", 0.9, "DGA alpha magnitude for non-matching points (paper: 0.9).", -0.99, 0.99),
-    ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500).", 1, 10000),
+    ParamSpec("dga.iterations", 500, "Alignment iterations (paper: 500; Adam steps, the cap of the "
+              "gauss_newton optimiser's at most 30).", 1, 10000),
+    ParamSpec("dga.optimizer", "gauss_newton", "Alignment optimiser: gauss_newton (Levenberg-Marquardt, "
+              "converges in tens of iterations) or adam (the reference: dga.iterations Adam steps).",
+              choices=("gauss_newton", "adam")),
     ParamSpec("dga.weighting", "dga", "Per-point weights: dga (paper) or confidence (DUSt3R baseline).",
               choices=("dga", "confidence")),
     ParamSpec("dga.pose_prior_weight", 0.0, "Tie the aligner's camera poses to the known ones (odometry / "

@@ -9,6 +9,7 @@ DGA (WildSeg3D, ICCV 2025):
 ``S`` is the soft object mask of the pixel's view (1 everywhere when no masks are given) and
 ``C`` the (transformed, see :func:`transform_confidence`) pairwise confidence.
 Everything here is vectorised and works on numpy arrays or torch tensors.
+:func:`edge_weights` computes the weights of every pair of an aligner input (matching included).
 """
 from __future__ import annotations
 
@@ -89,3 +90,57 @@ def dga_weights(conf_t, soft_mask, matching, alpha_p: float = 0.5, alpha_n: floa
 def confidence_weights(conf_t):
     """Standard (DUSt3R) weighting: W = C (the transformed confidence, i.e. log C by default)."""
     return conf_t
+
+
+def edge_weights(inp, soft_masks=None, weighting: str = "dga", alpha_p: float = 0.5,
+                 alpha_n: float = 0.9, match_threshold: float = 0.03, matcher: str = "projective",
+                 match_stride=None, match_radius: int = 2, match_points: int = 16_384,
+                 mutual: bool = False, cancel=None):
+    """Per-edge weights (W1, W2): lists of (H, W) float32 tensors on the input's device.
+
+    inp: :class:`~wildseg3d_ros.core.align.inputs.AlignInputs`; soft_masks: per-view S (list of
+    (H, W) tensors) or None (S = 1). weighting 'dga': matching of each pair (matcher
+    'projective' (default, torch, on the device; stride keeping <= ``match_points`` points per
+    map) or 'kdtree' (scipy, the reference definition; stride keeping <= 50 000)), then
+    :func:`dga_weights`; 'confidence': W = C. ``cancel()`` is checked before every pair."""
+    from ..errors import Cancelled
+    from .matching import auto_stride, pair_matches, projective_matches_batch
+
+    if matcher not in ("projective", "kdtree"):
+        raise ValueError(f"matcher must be 'projective' or 'kdtree', got {matcher!r}")
+    dev = inp.device
+    E = inp.num_edges
+    M1: list = [None] * E
+    M2: list = [None] * E
+    if weighting == "dga":
+        chunk = 16  # pairs per cancel check (the projective matcher batches them)
+        for e0 in range(0, E, chunk):
+            if cancel is not None and cancel():  # matching is the longest stretch before the loop
+                raise Cancelled(f"alignment cancelled while matching pair {e0}/{E}")
+            es = range(e0, min(E, e0 + chunk))
+            if matcher == "kdtree":
+                for e in es:
+                    st = match_stride or auto_stride(*inp.shapes[inp.edges[e][0]])
+                    m1, m2 = pair_matches(inp.pts1[e].cpu().numpy(), inp.pts2[e].cpu().numpy(),
+                                          (inp.ct1[e] > 0).cpu().numpy(), (inp.ct2[e] > 0).cpu().numpy(),
+                                          threshold=match_threshold, stride=st, mutual=mutual)
+                    M1[e], M2[e] = torch.as_tensor(m1, device=dev), torch.as_tensor(m2, device=dev)
+            else:
+                st = match_stride or auto_stride(*inp.shapes[inp.edges[e0][0]], max_points=match_points)
+                got = projective_matches_batch([(inp.pts1[e], inp.pts2[e], inp.ct1[e] > 0, inp.ct2[e] > 0)
+                                                for e in es], threshold=match_threshold, stride=st,
+                                               radius=match_radius, mutual=mutual, finite=True)
+                for e, (m1, m2) in zip(es, got):
+                    M1[e], M2[e] = m1, m2
+    elif cancel is not None and cancel():
+        raise Cancelled("alignment cancelled while weighting")
+    W1, W2 = [], []
+    for e, (i, j) in enumerate(inp.edges):
+        c1, c2 = inp.ct1[e], inp.ct2[e]
+        if weighting != "dga":
+            W1.append(confidence_weights(c1))
+            W2.append(confidence_weights(c2))
+            continue
+        W1.append(dga_weights(c1, None if soft_masks is None else soft_masks[i], M1[e], alpha_p, alpha_n))
+        W2.append(dga_weights(c2, None if soft_masks is None else soft_masks[j], M2[e], alpha_p, alpha_n))
+    return W1, W2

@@ -36,7 +36,9 @@ The prediction for edge ``(i, j)`` (:class:`~wildseg3d_ros.core.types.PairwisePr
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -237,21 +239,25 @@ def _match(desc_a: np.ndarray, desc_b: np.ndarray, binary: bool, ratio: float
     """Mutual nearest neighbours passing the ratio test; returns index arrays (ia, ib)."""
     if desc_a is None or desc_b is None or len(desc_a) < 2 or len(desc_b) < 2:
         return np.zeros(0, int), np.zeros(0, int)
+    import torch
+
     if binary:
-        a = np.unpackbits(desc_a, axis=1).astype(np.float32)
-        b = np.unpackbits(desc_b, axis=1).astype(np.float32)
-        D = a.sum(1)[:, None] + b.sum(1)[None, :] - 2.0 * (a @ b.T)
+        a = torch.from_numpy(np.unpackbits(desc_a, axis=1).astype(np.float32))
+        b = torch.from_numpy(np.unpackbits(desc_b, axis=1).astype(np.float32))
     else:
-        a = desc_a.astype(np.float32)
-        b = desc_b.astype(np.float32)
-        D = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-        D = np.sqrt(np.maximum(D, 0.0))
-    two = np.partition(D, 1, axis=1)[:, :2]
-    best = D.argmin(1)
+        a = torch.from_numpy(np.ascontiguousarray(desc_a, dtype=np.float32))
+        b = torch.from_numpy(np.ascontiguousarray(desc_b, dtype=np.float32))
+    # squared distances by one matrix product (torch: BLAS, threads); Hamming = squared L2 of bits
+    D = torch.addmm((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :], a, b.T, alpha=-2.0).clamp_min_(0.0)
+    two, idx = D.topk(2, dim=1, largest=False)
+    best = idx[:, 0]
     back = D.argmin(0)
-    ia = np.arange(len(a))
-    keep = (two[:, 0] < ratio * two[:, 1]) & (back[best] == ia)
-    return ia[keep], best[keep]
+    ia = torch.arange(len(a))
+    d1, d2 = two[:, 0], two[:, 1]
+    if not binary:  # the ratio test on distances, not their squares
+        d1, d2 = d1.sqrt(), d2.sqrt()
+    keep = (d1 < ratio * d2) & (back[best] == ia)
+    return ia[keep].numpy(), best[keep].numpy()
 
 
 @dataclass
@@ -297,7 +303,8 @@ class RgbdBackend(PointmapBackend):
     (confidence law), ``icp`` (refine with ICP), ``icp_points`` (points per keyframe for ICP),
     ``icp_gates`` (m), ``icp_iters``, ``max_icp_correction`` ((degrees, metres)),
     ``use_prior_init`` (try the odometry prior as an ICP start), ``fallback_to_prior``,
-    ``scene_graph`` (used when ``predict_pairs`` gets no pairs).
+    ``scene_graph`` (used when ``predict_pairs`` gets no pairs), ``workers`` (threads for the
+    per-keyframe features and the per-pair registrations; 0: min(4, CPUs)).
     """
 
     name = "rgbd"
@@ -313,7 +320,10 @@ class RgbdBackend(PointmapBackend):
                  icp_iters: int = 10, max_icp_correction: Tuple[float, float] = (5.0, 0.10),
                  use_prior_init: bool = True, fallback_to_prior: bool = True,
                  scene_graph: str = "complete", seed: int = 0, drop_failed_pairs: bool = True,
-                 check_consistency: bool = True, consistency_tol: Tuple[float, float, float] = (2.0, 0.03, 0.03)):
+                 check_consistency: bool = True, consistency_tol: Tuple[float, float, float] = (2.0, 0.03, 0.03),
+                 workers: int = 0):
+        #: threads for the keyframe features and the pair registrations (0: min(4, CPUs))
+        self.workers = int(workers) if int(workers) > 0 else max(1, min(4, os.cpu_count() or 1))
         self.drop_failed_pairs = bool(drop_failed_pairs)
         self.check_consistency = bool(check_consistency)
         self.consistency_tol = tuple(float(x) for x in consistency_tol)
@@ -523,28 +533,41 @@ class RgbdBackend(PointmapBackend):
                                "resize them to one size first")
         used = sorted({v for p in pairs for v in p})
         frames: Dict[int, _Frame] = {}
-        for c, v in enumerate(used):
-            check_cancel(cancel)
-            frames[v] = self.prepare_frame(kfs[v])
-            report(progress, 0.3 * (c + 1) / len(used), f"rgbd: prepared keyframe {c + 1}/{len(used)}")
         und = sorted({(min(i, j), max(i, j)) for i, j in pairs})
         self.registrations = {}
         self.failed_pairs = {}
-        for c, (i, j) in enumerate(und):
+
+        def register(ij):
+            i, j = ij
             check_cancel(cancel)
             Pi, Pj = kfs[i].pose_prior, kfs[j].pose_prior
             prior = None
             if Pi is not None and Pj is not None:
                 prior = invert_pose(np.asarray(Pi, np.float64)) @ np.asarray(Pj, np.float64)
             try:
-                self.registrations[(i, j)] = self.register_pair(frames[i], frames[j], prior, i, j)
+                return self.register_pair(frames[i], frames[j], prior, i, j), None
             except BackendError as e:
                 # a pair that does not overlap (e.g. the two ends of an arc in a complete graph)
                 # is left out of the pair graph; the aligner checks the rest stays connected
                 if not self.drop_failed_pairs:
                     raise
-                self.failed_pairs[(i, j)] = str(e)
-            report(progress, 0.3 + 0.65 * (c + 1) / len(und), f"rgbd: registered pair {c + 1}/{len(und)}")
+                return None, str(e)
+
+        # keyframes, then pairs, on a few threads (OpenCV and numpy release the GIL); results are
+        # collected in order, so the outcome does not depend on the scheduling
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futs = [pool.submit(lambda v=v: (check_cancel(cancel), self.prepare_frame(kfs[v]))[1]) for v in used]
+            for c, (v, f) in enumerate(zip(used, futs)):
+                frames[v] = f.result()
+                report(progress, 0.3 * (c + 1) / len(used), f"rgbd: prepared keyframe {c + 1}/{len(used)}")
+            futs = [pool.submit(register, ij) for ij in und]
+            for c, (ij, f) in enumerate(zip(und, futs)):
+                reg, err = f.result()
+                if reg is not None:
+                    self.registrations[ij] = reg
+                else:
+                    self.failed_pairs[ij] = err
+                report(progress, 0.3 + 0.65 * (c + 1) / len(und), f"rgbd: registered pair {c + 1}/{len(und)}")
         if not self.registrations:
             raise BackendError("rgbd backend: no keyframe pair could be registered: "
                                + "; ".join(self.failed_pairs.values())[:600])

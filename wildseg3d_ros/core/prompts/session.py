@@ -219,10 +219,12 @@ class InteractiveSession:
         self.voxel = voxel
         self.voxel_factor = float(voxel_factor)
         self.dilate = bool(dilate)
-        self._valid = scene.valid_mask()
-        self._pts = np.where(self._valid[..., None], scene.pts3d, np.nan).astype(np.float32)
-        fin = self._pts[self._valid]
-        self._origin = fin.min(0).astype(np.float64) if fin.size else np.zeros(3)
+        # the mapper's validity when it was built on this very scene (the same arrays): computed once
+        same = getattr(mapper, "scene", None) is scene and getattr(mapper, "valid", None) is not None
+        self._valid = mapper.valid if same else scene.valid_mask()
+        self._pts = np.where(self._valid[..., None], scene.pts3d, np.nan).astype(np.float32, copy=False)
+        self._origin = (np.fmin.reduce(self._pts.reshape(-1, 3), axis=0).astype(np.float64)
+                        if self._valid.any() else np.zeros(3))
         self._keys_cache: Tuple[Optional[float], Optional[np.ndarray]] = (None, None)
         self._lock = threading.RLock()
         self._selections: List[Selection] = []

@@ -1,0 +1,38 @@
+"""scene_codec: the published scene cloud decodes back into cameras and a mask-cache table."""
+import numpy as np
+import pytest
+
+from wildseg3d_ros.core.output import cloud
+from wildseg3d_ros.sim.pairs import backproject, sphere_scene
+from wildseg3d_ros.core.types import AlignedScene, MaskCache
+from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array
+
+
+def _scene(labels):
+    sv = sphere_scene(3, 64, 48, seed=1)
+    pts = np.stack([backproject(sv.depth[v], sv.K) @ sv.poses[v][:3, :3].T + sv.poses[v][:3, 3]
+                    for v in range(3)]).astype(np.float32)
+    conf = (sv.depth > 0).astype(np.float32)
+    pts[conf == 0] = np.nan
+    rgb = np.zeros(pts.shape, np.uint8)
+    sc = AlignedScene(pts3d=pts, conf=conf, poses=sv.poses, K=np.stack([sv.K] * 3), rgb=rgb,
+                      mask_cache=MaskCache(labels=labels, soft=(labels > 0).astype(np.float32)))
+    return sc, sv
+
+
+@pytest.mark.parametrize("big_id", [7, 5_000_000])  # counting path and the sorting fallback
+def test_round_trip_cameras_and_object_table(big_id):
+    sv = sphere_scene(3, 64, 48, seed=1)
+    labels = np.where(sv.instance >= 2, sv.instance, 0).astype(np.int32)
+    labels[labels == 2] = big_id
+    sc, sv = _scene(labels)
+    arr, h, w = cloud.pack_scene_cloud(sc)
+    out = scene_from_cloud_array(arr.reshape(h, w), "map")
+    np.testing.assert_allclose(out.K, sc.K, atol=1e-3)
+    np.testing.assert_allclose(out.poses, sv.poses, atol=1e-5)
+    ids = sorted(int(i) for i in np.unique(labels) if i > 0)
+    assert sorted(out.mask_cache.objects) == ids
+    for i in ids:
+        area = [int((labels[v] == i).sum()) for v in range(3)]
+        assert out.mask_cache.objects[i]["area"] == area
+        assert out.mask_cache.objects[i]["views"] == [v for v in range(3) if area[v] > 0]
