@@ -33,11 +33,9 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dga_speed import clutter_masks  # noqa: E402
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.sim.pairs import synthetic_predictions  # noqa: E402
+from wildseg3d_ros.sim.pairs import clutter_masks, synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, project_points  # noqa: E402
 from wildseg3d_ros.sim.tabletop import FIRST_OBJECT_ID, render_sequence  # noqa: E402
 

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wildseg3d_ros.core.align import align_global  # noqa: E402
-from wildseg3d_ros.sim.pairs import backproject, synthetic_predictions  # noqa: E402
+from wildseg3d_ros.sim.pairs import backproject, clutter_masks, synthetic_predictions  # noqa: E402
 from wildseg3d_ros.core.pointmaps.base import make_pairs  # noqa: E402
 from wildseg3d_ros.core.geometry import pose_errors, umeyama  # noqa: E402
 from wildseg3d_ros.sim.tabletop import render_sequence  # noqa: E402
@@ -92,23 +92,6 @@ class PeakMem:
             self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
         else:
             self.mib = (_rss_kb("VmHWM:") - self.base) / 1024.0
-
-
-def clutter_masks(instance, edges, frac, rng):
-    """{(e, k): mask} rectangles on background (floor/wall) pixels, about ``frac`` of the image."""
-    out = {}
-    V, H, W = instance.shape
-    if frac <= 0:
-        return out
-    for e, (i, j) in enumerate(edges):
-        for k, v in enumerate((i, j)):
-            m = np.zeros((H, W), bool)
-            while m.mean() < frac:
-                h, w = rng.integers(H // 16, H // 6), rng.integers(W // 16, W // 6)
-                r, c = rng.integers(0, H - h), rng.integers(0, W - w)
-                m[r:r + h, c:c + w] = True
-            out[(e, k)] = m & (instance[v] <= 2)
-    return out
 
 
 def evaluate(poses, pts, gt_poses, gt_pts, valid):

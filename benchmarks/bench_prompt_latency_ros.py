@@ -28,7 +28,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "test"))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
@@ -75,7 +74,7 @@ def run(mode: str, scene_msg, clicks, args):
     from geometry_msgs.msg import PointStamped
     from sensor_msgs.msg import PointCloud2
 
-    from ros_harness import Collector, spinning, timed_click, wait_for
+    from wildseg3d_ros.ros.harness import Collector, spinning, timed_click, wait_for
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.segmentation_node import SegmentationNode
 
@@ -122,7 +121,6 @@ def main():
     args = ap.parse_args()
     import rclpy
 
-    from ros_harness import click_point_on_object  # noqa: F401  (keeps the helper import path checked)
     from wildseg3d_ros.core.output.cloud import pack_scene_cloud
     from wildseg3d_ros.ros import convert
 

@@ -32,7 +32,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "test"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(60 + os.getpid() % 40))
@@ -90,7 +89,7 @@ def stop(p: subprocess.Popen):
 
 
 def measure(client, click_pub, objs, clicks):
-    from ros_harness import timed_click
+    from wildseg3d_ros.ros.harness import timed_click
 
     ms, missed = [], []
     for i, p in enumerate(clicks):
@@ -115,7 +114,7 @@ def main():
     from sensor_msgs.msg import PointCloud2
 
     from bench_prompt_latency_ros import build_scene
-    from ros_harness import Collector, spinning, wait_for
+    from wildseg3d_ros.ros.harness import Collector, spinning, wait_for
     from wildseg3d_ros.core.output.cloud import pack_scene_cloud
     from wildseg3d_ros.ros import convert
 

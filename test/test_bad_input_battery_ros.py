@@ -27,7 +27,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: 
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros_harness import (Collector, SpinThread, call_trigger, click_point_on_object, console_script,  # noqa: E402
+from wildseg3d_ros.ros.harness import (Collector, SpinThread, call_trigger, click_point_on_object, console_script,  # noqa: E402
                          start_process, stop_process, wait_for)
 from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402

@@ -188,7 +188,7 @@ def test_bag_player_timing_content_and_topic_map(ros, tmp_path, seq, mode):
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
 
-    from ros_harness import SpinThread
+    from wildseg3d_ros.ros.harness import SpinThread
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.bag_player import BagPlayerNode
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from ros_harness import SpinThread, wait_for as _harness_wait_for
+from wildseg3d_ros.ros.harness import SpinThread, wait_for as _harness_wait_for
 
 rclpy = pytest.importorskip("rclpy")
 

@@ -31,7 +31,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from ros_harness import (Collector, SpinThread, call_trigger, click_point_on_object, console_script,  # noqa: E402
+from wildseg3d_ros.ros.harness import (Collector, SpinThread, call_trigger, click_point_on_object, console_script,  # noqa: E402
                          start_process, stop_process, wait_for)
 from wildseg3d_ros.core.output import store  # noqa: E402
 from wildseg3d_ros.core.output.scene_codec import scene_from_cloud_array  # noqa: E402

@@ -22,7 +22,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from ros_harness import (Collector, SpinThread, click_point_on_object, console_script, start_process,  # noqa: E402
+from wildseg3d_ros.ros.harness import (Collector, SpinThread, click_point_on_object, console_script, start_process,  # noqa: E402
                          stop_process, wait_for)
 from wildseg3d_ros.core.output import cloud as corecloud  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402

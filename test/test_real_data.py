@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_harness import SpinThread, wait_for as _harness_wait_for
+from wildseg3d_ros.ros.harness import SpinThread, wait_for as _harness_wait_for
 import torch
 
 from wildseg3d_ros.core.camera import bags
@@ -256,7 +256,7 @@ def test_dust3r_scene_publication_from_bag(ros, tmp_path):
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import PointCloud2
 
-    from ros_harness import Collector
+    from wildseg3d_ros.ros.harness import Collector
     from wildseg3d_ros.ros.bag_player import BagPlayerNode
     from wildseg3d_ros.ros.reconstruction_node import ReconstructionNode
 

@@ -19,7 +19,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
-from ros_harness import (Collector, RecordingLogger, SpinThread, call_trigger, click_point_on_object,  # noqa: E402
+from wildseg3d_ros.ros.harness import (Collector, RecordingLogger, SpinThread, call_trigger, click_point_on_object,  # noqa: E402
                          wait_for)
 from wildseg3d_ros.core.output import cloud as corecloud  # noqa: E402
 from wildseg3d_ros.ros import convert  # noqa: E402

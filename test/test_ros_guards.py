@@ -10,7 +10,7 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy wheels are not installe
 
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros_harness import RecordingLogger  # noqa: E402
+from wildseg3d_ros.ros.harness import RecordingLogger  # noqa: E402
 from wildseg3d_ros.ros.throttled_log import ThrottledLogger  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
-from ros_harness import (Collector, call_trigger, click_point_on_object, console_script, spinning,  # noqa: E402
+from wildseg3d_ros.ros.harness import (Collector, call_trigger, click_point_on_object, console_script, spinning,  # noqa: E402
                          start_process,
                          stop_process, wait_for)
 from wildseg3d_ros.core.output.cloud import unpack_rgb  # noqa: E402

@@ -250,7 +250,7 @@ def test_reconstruction_node_rgb_camera_without_depth(tmp_path):
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import PointCloud2
 
-    from ros_harness import Collector, spinning, wait_for
+    from wildseg3d_ros.ros.harness import Collector, spinning, wait_for
     from wildseg3d_ros.ros import convert
     from wildseg3d_ros.ros.camera_sim_node import CameraSimNode
     from wildseg3d_ros.ros.reconstruction_node import ReconstructionNode

@@ -29,7 +29,7 @@ from geometry_msgs.msg import PointStamped, PoseArray  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
-from ros_harness import Collector, SpinThread, wait_for  # noqa: E402
+from wildseg3d_ros.ros.harness import Collector, SpinThread, wait_for  # noqa: E402
 from wildseg3d_ros.core.camera import bags  # noqa: E402
 from wildseg3d_ros.eval import ycbv
 from wildseg3d_ros.ros import convert  # noqa: E402

@@ -125,3 +125,22 @@ def synthetic_predictions(depth, K, poses, edges=None, seed=0, scale_range=(0.5,
         P1, P2, C1, C2 = (conv(L) for L in (P1, P2, C1, C2))
     pairs = PairwisePredictions([e[0] for e in edges], [e[1] for e in edges], P1, C1, P2, C2)
     return pairs, {"edges": edges, "sims": sims}
+
+
+def clutter_masks(instance, edges, frac, rng):
+    """{(e, k): mask} rectangles on background (instance <= 2: floor / wall) pixels, about
+    ``frac`` of the image, for ``synthetic_predictions(corrupt=...)``: confident-but-wrong
+    background predictions (``rng``: numpy Generator)."""
+    out = {}
+    V, H, W = instance.shape
+    if frac <= 0:
+        return out
+    for e, (i, j) in enumerate(edges):
+        for k, v in enumerate((i, j)):
+            m = np.zeros((H, W), bool)
+            while m.mean() < frac:
+                h, w = rng.integers(H // 16, H // 6), rng.integers(W // 16, W // 6)
+                r, c = rng.integers(0, H - h), rng.integers(0, W - w)
+                m[r:r + h, c:c + w] = True
+            out[(e, k)] = m & (instance[v] <= 2)
+    return out

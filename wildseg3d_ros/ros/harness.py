@@ -1,4 +1,6 @@
-"""Helpers for tests that run real ROS 2 nodes (rclpy + Fast DDS) in-process or as processes."""
+"""Driving the nodes from tests, benchmarks and scripts over real ROS 2 (rclpy + Fast DDS): spin
+threads, message collectors, Trigger calls, timed clicks, console-script processes, a recording
+logger. Not used by the nodes themselves."""
 from __future__ import annotations
 
 import os
