@@ -220,6 +220,18 @@ def test_bad_camera_input_is_refused_and_the_scene_kept(ros, seq, tmp_path):
         bad("timestamp backwards", lambda _: frame4(s - 3.0), "rejected_timestamp_backwards",
             "timestamp backwards", pose=seq.poses[4])
 
+        # a far-future stamp (colour, depth, pose) is refused before it becomes the newest stamp
+        # seen: the frames after it, stamped normally, are still buffered (checked below)
+        n0 = node.stats["rejected_future_stamp"]
+        far = time.time() + 1e6
+        img_far, dep_far = frame4(far)
+        m = Odometry(header=convert.make_header("map", far), child_frame_id="camera")
+        m.pose.pose = convert.matrix_to_pose(seq.poses[4])
+        for topic, msg in (("odom", m), ("depth", dep_far), ("image", img_far)):
+            rig.pub[topic].publish(msg)
+        assert wait_for(lambda: node.stats["rejected_future_stamp"] == n0 + 3, 5), dict(node.stats)
+        assert "ahead of the node's clock" in node.last_error and "input.max_future_s" in node.last_error
+
         # rate limiting: 6 more unsupported-encoding frames give at most one more log line
         n_lines = len(rig.logged("yuv422"))
         t_rl = time.monotonic()

@@ -34,5 +34,5 @@ def test_round_trip_cameras_and_object_table(big_id):
     assert sorted(out.mask_cache.objects) == ids
     for i in ids:
         area = [int((labels[v] == i).sum()) for v in range(3)]
-        assert out.mask_cache.objects[i]["area"] == area
+        assert out.mask_cache.objects[i]["area"] == {v: a for v, a in enumerate(area) if a > 0}
         assert out.mask_cache.objects[i]["views"] == [v for v in range(3) if area[v] > 0]

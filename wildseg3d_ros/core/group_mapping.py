@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from .types import AlignedScene, MaskCache
-from .mask_cache import auto_voxel_size, voxel_keys
+from .voxels import NEIGHBOURS_HALF, auto_voxel_size, pack, unpack, voxel_keys
 
 __all__ = ["Segment3D", "GroupMapper", "remove_floaters", "subtract_voxels", "voxel_components",
            "consistency_votes"]
@@ -55,22 +55,6 @@ class Segment3D:
         return self.points.shape[0] == 0
 
 
-_OFFSETS = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
-                     if (i, j, k) > (0, 0, 0)], np.int64)
-
-
-_B = 21
-_M = (1 << _B) - 1
-
-
-def _decode(keys):
-    return np.stack([(keys >> (2 * _B)) & _M, (keys >> _B) & _M, keys & _M], 1)
-
-
-def _encode(q):
-    return (q[:, 0] << (2 * _B)) | (q[:, 1] << _B) | q[:, 2]
-
-
 def voxel_components(points: np.ndarray, voxel: float):
     """26-connected components of the occupied voxels of (N,3) points.
 
@@ -79,10 +63,10 @@ def voxel_components(points: np.ndarray, voxel: float):
     keys = voxel_keys(points, voxel)
     uk, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
     m = uk.size
-    q = _decode(uk)
+    q = unpack(uk)
     rows, cols = [], []
-    for off in _OFFSETS:
-        nk = _encode(q + off)
+    for off in NEIGHBOURS_HALF:
+        nk = pack(q + off)
         pos = np.clip(np.searchsorted(uk, nk), 0, m - 1)
         hit = uk[pos] == nk
         rows.append(np.flatnonzero(hit))
@@ -120,11 +104,11 @@ def subtract_voxels(points: np.ndarray, voxel: float, remove_keys: np.ndarray) -
     comp, nc, comp_pts, uk, comp_v = voxel_components(points[idx], voxel)
     if nc == 1:
         return keep
-    q = _decode(uk)
+    q = unpack(uk)
     rk = np.sort(remove_keys)
     touch = np.zeros(uk.size, bool)
-    for off in np.concatenate([_OFFSETS, -_OFFSETS]):
-        nk = _encode(q + off)
+    for off in np.concatenate([NEIGHBOURS_HALF, -NEIGHBOURS_HALF]):
+        nk = pack(q + off)
         pos = np.clip(np.searchsorted(rk, nk), 0, rk.size - 1)
         touch |= rk[pos] == nk
     comp_touch = np.bincount(comp_v, weights=touch, minlength=nc) > 0
@@ -411,9 +395,3 @@ class GroupMapper:
         neg = [int(i) for i in negative_ids if int(i) in self._objects]
         rk = np.unique(np.concatenate([self._objects[i]["raw_keys"] for i in neg])) if neg else None
         return self._make_segment([self._pack(flat)], [int(i) for i in object_ids], rk)
-
-    def select(self, positive_points=(), negative_points=(), max_dist: Optional[float] = None) -> Segment3D:
-        """Convenience: 3D prompts -> ids -> segment (positive/negative lists of (3,) points)."""
-        pos = [self.object_at_point(p, max_dist) for p in positive_points]
-        neg = [self.object_at_point(p, max_dist) for p in negative_points]
-        return self.segment([i for i in pos if i > 0], [i for i in neg if i > 0])

@@ -20,41 +20,10 @@ import numpy as np
 from scipy import ndimage
 
 from .types import MaskCache
+from .voxels import auto_voxel_size, voxel_keys
 
-__all__ = ["auto_voxel_size", "voxel_keys", "associate_masks_3d", "build_soft_masks",
-           "object_table", "make_mask_cache", "relabel_consecutive", "mask_iou_table"]
-
-_KEY_BITS = 21
-_KEY_OFF = 1 << (_KEY_BITS - 1)
-_KEY_MASK = (1 << _KEY_BITS) - 1
-
-
-def auto_voxel_size(pts3d: np.ndarray, valid: np.ndarray, factor: float = 6.0) -> float:
-    """A voxel edge derived from the pointmaps: ``factor`` x the median 3D distance between
-    horizontally adjacent valid pixels (scale-free: works for metric and up-to-scale scenes)."""
-    pts3d = np.asarray(pts3d)
-    valid = np.asarray(valid, bool)
-    if pts3d.ndim == 3:
-        pts3d, valid = pts3d[None], valid[None]
-    step = max(1, pts3d.shape[2] // 128)
-    a = pts3d[:, ::4, :-step:step]
-    b = pts3d[:, ::4, step::step]
-    ok = valid[:, ::4, :-step:step] & valid[:, ::4, step::step]
-    d = np.linalg.norm((a - b)[ok], axis=-1) / step
-    d = d[np.isfinite(d) & (d > 0)]
-    if d.size == 0:
-        return 0.01
-    return float(factor * np.median(d))
-
-
-def voxel_keys(points: np.ndarray, voxel: float, origin: Optional[np.ndarray] = None) -> np.ndarray:
-    """Pack integer voxel coordinates of (N, 3) points into int64 keys (21 bits per axis)."""
-    pts = np.asarray(points, np.float64)
-    if origin is None:
-        origin = np.zeros(3)
-    q = np.floor((pts - origin) / voxel).astype(np.int64) + _KEY_OFF
-    q = np.clip(q, 0, _KEY_MASK)
-    return (q[:, 0] << (2 * _KEY_BITS)) | (q[:, 1] << _KEY_BITS) | q[:, 2]
+__all__ = ["associate_masks_3d", "build_soft_masks", "object_table", "make_mask_cache",
+           "relabel_consecutive", "mask_iou_table"]
 
 
 def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
@@ -275,48 +244,56 @@ def build_soft_masks(labels: np.ndarray, border_px: float = 6.0, edge_value: flo
     return out[0] if single else out
 
 
+def _per_view_counts(lab: np.ndarray):
+    """(V, N) integer labels -> (ids sorted (K,), counts (V, K) pixels of each id per view)."""
+    V = lab.shape[0]
+    if lab.size and int(lab.min()) >= 0 and int(lab.max()) < (1 << 22):
+        n = int(lab.max()) + 1  # small non-negative ids: one counting pass, no sort
+        counts = np.bincount((lab + np.arange(V, dtype=np.int64)[:, None] * n).ravel(),
+                             minlength=V * n).reshape(V, n)
+        ids = np.flatnonzero(counts.sum(0))
+        return ids, counts[:, ids]
+    ids, inv = np.unique(lab, return_inverse=True)  # negative or huge ids: count by sorting
+    counts = np.bincount((inv.reshape(V, -1) + np.arange(V)[:, None] * ids.size).ravel(),
+                         minlength=V * ids.size).reshape(V, ids.size)
+    return ids, counts
+
+
 def object_table(labels: np.ndarray, pts3d: Optional[np.ndarray] = None,
                  valid: Optional[np.ndarray] = None) -> Dict[int, dict]:
     """id -> {'views': [v...], 'area': {v: pixels}, 'n_pixels', and 'centroid' / 'bbox_min' /
-    'bbox_max' (world, from valid points) when pointmaps are given}."""
+    'bbox_max' (world, from valid points) when pointmaps are given}.  Ids <= 0 are background."""
     lab = np.asarray(labels)
     V = lab.shape[0]
+    ids, counts = _per_view_counts(lab.reshape(V, -1))
     table: Dict[int, dict] = {}
-    sums = {}
-    for v in range(V):
-        ids, cnt = np.unique(lab[v], return_counts=True)
-        for i, c in zip(ids.tolist(), cnt.tolist()):
-            if i <= 0:
-                continue
-            t = table.setdefault(int(i), {"views": [], "area": {}, "n_pixels": 0})
-            t["views"].append(v)
-            t["area"][v] = int(c)
-            t["n_pixels"] += int(c)
-    if pts3d is not None:
-        pts3d = np.asarray(pts3d)
-        ok = np.isfinite(pts3d).all(-1)
-        if valid is not None:
-            ok &= np.asarray(valid, bool)
-        l = lab[ok]
-        p = pts3d[ok].astype(np.float64)
-        sel = l > 0
-        l, p = l[sel], p[sel]
-        if l.size:
-            n = max(int(l.max()), max(table, default=0)) + 1  # objects seen only on invalid pixels: no geometry
-            cnt = np.bincount(l, minlength=n)
-            cen = np.stack([np.bincount(l, weights=p[:, k], minlength=n) for k in range(3)], 1)
-            cen /= np.maximum(cnt, 1)[:, None]
-            mn = np.full((n, 3), np.inf)
-            mx = np.full((n, 3), -np.inf)
-            for k in range(3):
-                np.minimum.at(mn[:, k], l, p[:, k])
-                np.maximum.at(mx[:, k], l, p[:, k])
-            for i, t in table.items():
-                if cnt[i] > 0:
-                    t["centroid"] = cen[i].tolist()
-                    t["bbox_min"] = mn[i].tolist()
-                    t["bbox_max"] = mx[i].tolist()
-                    sums[i] = int(cnt[i])
+    for k in np.flatnonzero(ids > 0):
+        col = counts[:, k]
+        vs = np.flatnonzero(col)
+        table[int(ids[k])] = {"views": vs.tolist(), "area": {int(v): int(col[v]) for v in vs},
+                              "n_pixels": int(col.sum())}
+    if pts3d is None or not table:
+        return table
+    pts3d = np.asarray(pts3d)
+    ok = np.isfinite(pts3d).all(-1) & (lab > 0)
+    if valid is not None:
+        ok &= np.asarray(valid, bool)
+    if not ok.any():
+        return table  # objects seen only on invalid pixels have no geometry
+    k = np.searchsorted(ids, lab[ok])
+    p = pts3d[ok].astype(np.float64)
+    order = np.argsort(k, kind="stable")
+    k, p = k[order], p[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    cnt = np.diff(np.r_[starts, k.size])
+    cen = np.add.reduceat(p, starts, axis=0) / cnt[:, None]
+    mn = np.minimum.reduceat(p, starts, axis=0)
+    mx = np.maximum.reduceat(p, starts, axis=0)
+    for j, kk in enumerate(k[starts]):
+        t = table[int(ids[kk])]
+        t["centroid"] = cen[j].tolist()
+        t["bbox_min"] = mn[j].tolist()
+        t["bbox_max"] = mx[j].tolist()
     return table
 
 

@@ -138,10 +138,27 @@ class FrameInput:
         st = convert.stamp_to_sec(msg.header.stamp)
         if st > 0:
             self.image_latency_ms.append((time.time() - st) * 1e3)
+        if self._ahead_of_clock(st, "image", "colour frame"):
+            return
         self.gaps["image"].observe(st)
         self.pairer.add_image(st, msg, now, frame_id=msg.header.frame_id)
         self._wake.set()
         self.callback_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def _ahead_of_clock(self, stamp: float, key: str, what: str) -> bool:
+        """Refuse (count, log) a message stamped more than input.max_future_s ahead of the node's
+        clock; True when refused."""
+        limit = self.node.params["input.max_future_s"]
+        if limit <= 0 or not math.isfinite(stamp):
+            return False
+        now = self.node.get_clock().now().nanoseconds * 1e-9
+        if now <= 0 or stamp <= now + limit:  # no clock yet (sim time before /clock): no check
+            return False
+        self.node._refuse(f"future_{key}", "rejected_future_stamp",
+                          f"{what} at t={stamp:.3f} refused: stamped {stamp - now:.1f} s ahead of the node's "
+                          f"clock (input.max_future_s={limit:g}); dropped so it cannot become the newest stamp",
+                          "warning")
+        return True
 
     def _on_depth(self, msg: Image):
         t0 = time.perf_counter()
@@ -149,6 +166,8 @@ class FrameInput:
         self.node.stats["depth_received"] += 1
         self.rates["depth"].tick(now)
         st = convert.stamp_to_sec(msg.header.stamp)
+        if self._ahead_of_clock(st, "depth", "depth image"):
+            return
         self.gaps["depth"].observe(st)
         self.pairer.add_depth(st, msg, now)
         self._wake.set()
@@ -186,6 +205,8 @@ class FrameInput:
                                        f"'{world}' (publish them there or set world_frame:={header.frame_id}); "
                                        "pose ignored")
             self.node._refuse("pose_frame", "bad_pose_frame", self._last_pose_refusal, "warning")
+            return
+        if self._ahead_of_clock(stamp, "pose", "camera pose"):
             return
         self.pairer.add_pose(stamp, T, now)
         self._wake.set()

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
 from ..core.output import cloud as corecloud
+from ..core.prompts.session import combine_results
 from . import convert
 
 STATUS_QOS_DEPTH = 50
@@ -46,12 +46,7 @@ class ObjectOutput:
         None = the node's clock)."""
         if stamp is None:
             stamp = self.node.get_clock().now().to_msg()
-        pts = [seg.points for _, seg in results]
-        cols = [seg.colors for _, seg in results]
-        labels = [np.full(len(seg.points), lab, np.uint32) for lab, seg in results]
-        P = np.concatenate(pts) if pts else np.zeros((0, 3), np.float32)
-        C = np.concatenate(cols) if cols else np.zeros((0, 3), np.uint8)
-        L = np.concatenate(labels) if labels else np.zeros((0,), np.uint32)
+        P, C, L = combine_results(results)
         self.cloud_pub.publish(convert.struct_to_cloud(corecloud.pack_object_cloud(P, C), frame, stamp))
         self.t_published = time.perf_counter()  # end of the prompt-latency span
         self.labelled_pub.publish(convert.struct_to_cloud(corecloud.pack_object_cloud(P, C, L), frame, stamp))

@@ -26,6 +26,10 @@ PARAMS = [
               "CameraInfo after it arrived (s) before it is dropped; long enough for a reliable "
               "transport to resend a lost depth. Frames are paired as their partners arrive, nothing "
               "blocks.", 0.0, 10.0),
+    ParamSpec("input.max_future_s", 30.0, "Colour, depth and pose messages stamped more than this many "
+              "seconds ahead of the node's clock (sim time with use_sim_time) are refused: a far-future "
+              "stamp would otherwise become the newest stamp seen and make every later frame 'backwards'. "
+              "0 = no check.", 0.0, 1e9),
     ParamSpec("input.max_pixels", 4096 * 3072, "Images above this pixel count are refused.", 1, 1 << 28),
     ParamSpec("input.reliable", False, "Subscribe to the camera topics with reliable QoS (keep last 10) "
               "instead of best effort: use it when large images published from another process are "

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import cloud as corecloud
 from ..geometry import resect_pinhole
+from ..mask_cache import object_table
 from ..types import AlignedScene, MaskCache
 
 
@@ -46,20 +47,7 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
         Ks.append(K)
         poses.append(T)
     labels = d["label"]
-    objects = {}
-    lab = labels.reshape(V, -1)
-    if lab.size and int(lab.min()) >= 0 and int(lab.max()) < (1 << 22):
-        n = int(lab.max()) + 1  # per-view areas of every id in one counting pass
-        counts = np.bincount((lab + np.arange(V, dtype=np.int64)[:, None] * n).ravel(),
-                             minlength=V * n).reshape(V, n)
-        per_id = {int(i): counts[:, i] for i in np.flatnonzero(counts.sum(0)) if i > 0}
-    else:  # negative or huge ids: count by sorting
-        ids, inv = np.unique(lab, return_inverse=True)
-        counts = np.bincount((inv.reshape(V, -1) + np.arange(V)[:, None] * len(ids)).ravel(),
-                             minlength=V * len(ids)).reshape(V, len(ids))
-        per_id = {int(i): counts[:, k] for k, i in enumerate(ids) if i > 0}
-    for i, area in per_id.items():
-        objects[i] = {"views": [int(x) for x in np.nonzero(area)[0]], "area": [int(a) for a in area]}
+    objects = object_table(labels)
     mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects)
     return AlignedScene(pts3d=pts, conf=conf, poses=np.stack(poses), K=np.stack(Ks), rgb=d["rgb"],
                         mask_cache=mc, frame_id=frame_id)

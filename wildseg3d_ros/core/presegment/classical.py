@@ -247,28 +247,6 @@ def _components(H, W, eh, ev) -> np.ndarray:
     return lab.reshape(H, W)
 
 
-class _UF:
-    def __init__(self, n):
-        self.p = np.arange(n)
-
-    def find(self, a):
-        p = self.p
-        r = a
-        while p[r] != r:
-            r = p[r]
-        while p[a] != r:
-            p[a], a = r, p[a]
-        return r
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.p[rb] = ra
-
-    def roots(self):
-        return np.array([self.find(i) for i in range(self.p.size)], np.int64)
-
-
 def merge_average_linkage(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarray,
                           feat: np.ndarray, thresh: float) -> np.ndarray:
     """Region merging by average linkage on a region adjacency graph.
@@ -497,11 +475,8 @@ class ClassicalSegmenter(Segmenter):
         if info["use_geo"] or self.color_linkage == "single":
             ok = nonplane & geo_ok & (cdist < thr)
             ok |= same_obj
-            uf = _UF(A)
-            prio = np.where(same_obj, -1.0, cdist)
-            for k in np.flatnonzero(ok)[np.argsort(prio[ok], kind="stable")]:
-                uf.union(int(ea[k]), int(eb[k]))
-            seg = uf.roots()
+            g = coo_matrix((np.ones(int(ok.sum()), np.int8), (ea[ok], eb[ok])), shape=(A, A))
+            seg = connected_components(g, directed=False)[1].astype(np.int64)
         else:
             # colour only: no geometric cut can stop a chain of similar atoms across an object's
             # outline, so regions merge by average linkage (their means must stay close);

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..mask_cache import object_table
 from ..types import MaskCache
 from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report
 from .base import Segmenter, as_uv
@@ -116,24 +117,6 @@ def _available_configs() -> List[str]:
     for dirpath, _, files in os.walk(os.path.join(root, "configs")):
         out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files if f.endswith(".yaml")]
     return sorted(out)
-
-
-def _object_table(labels: np.ndarray, pts3d, valid) -> Dict[int, dict]:
-    """Object table (views, area per view, ...) via mask_cache.object_table when available."""
-    try:
-        from ..mask_cache import object_table
-        return object_table(labels, pts3d, valid)
-    except ImportError:
-        table: Dict[int, dict] = {}
-        for v in range(labels.shape[0]):
-            ids, cnt = np.unique(labels[v], return_counts=True)
-            for i, c in zip(ids.tolist(), cnt.tolist()):
-                if i > 0:
-                    t = table.setdefault(int(i), {"views": [], "area": {}, "n_pixels": 0})
-                    t["views"].append(v)
-                    t["area"][v] = int(c)
-                    t["n_pixels"] += int(c)
-        return table
 
 
 def _paint_masks(masks: List[np.ndarray], shape, min_area: int) -> Tuple[np.ndarray, List[int]]:
@@ -545,7 +528,7 @@ class Sam2Segmenter(Segmenter):
         if small.any():
             small[:, 0] = False
             labels[small[np.arange(V)[:, None, None], labels]] = 0
-        table = _object_table(labels, pts3d, valid)
+        table = object_table(labels, pts3d, valid)
         for oid, meta in table.items():
             meta.update(objects.get(oid, {}))
         objects = table
@@ -577,7 +560,7 @@ class Sam2Segmenter(Segmenter):
         if pts3d is None or not logits:
             return
         try:
-            from ..mask_cache import auto_voxel_size
+            from ..voxels import auto_voxel_size
             pts3d = np.asarray(pts3d)
             ok = valid & np.isfinite(pts3d).all(-1)
             voxel = auto_voxel_size(pts3d, ok)

@@ -31,13 +31,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..types import AlignedScene
+from ..voxels import dilate_keys, isin_sorted, voxel_keys
 
-__all__ = ["PromptError", "Click", "Selection", "InteractiveSession", "propagate_mask"]
-
-_KEY_BITS = 21
-_KEY_OFF = 1 << (_KEY_BITS - 1)
-_KEY_MASK = (1 << _KEY_BITS) - 1
-
+__all__ = ["PromptError", "Click", "Selection", "InteractiveSession", "propagate_mask",
+           "combine_results"]
 
 class PromptError(ValueError):
     """A prompt cannot be answered (negative click first, click outside the scene, ...)."""
@@ -72,35 +69,6 @@ class Selection:
     @property
     def num_positive(self) -> int:
         return sum(1 for c in self.clicks if c.positive)
-
-
-def _pack(q: np.ndarray) -> np.ndarray:
-    q = np.clip(q + _KEY_OFF, 0, _KEY_MASK)
-    return (q[..., 0] << (2 * _KEY_BITS)) | (q[..., 1] << _KEY_BITS) | q[..., 2]
-
-
-def _voxel_keys(points: np.ndarray, voxel: float, origin: np.ndarray) -> np.ndarray:
-    q = np.floor((np.asarray(points, np.float64) - origin) / voxel).astype(np.int64)
-    return _pack(q)
-
-
-def _isin_sorted(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """keys (any shape) in sorted unique table -> bool, vectorised (searchsorted)."""
-    if table.size == 0:
-        return np.zeros(keys.shape, bool)
-    idx = np.searchsorted(table, keys)
-    idx = np.minimum(idx, table.size - 1)
-    return table[idx] == keys
-
-
-def _dilate_keys(keys: np.ndarray) -> np.ndarray:
-    """Unique keys of the 27-neighbourhood of each voxel key."""
-    if keys.size == 0:
-        return keys
-    q = np.stack([(keys >> (2 * _KEY_BITS)) & _KEY_MASK, (keys >> _KEY_BITS) & _KEY_MASK,
-                  keys & _KEY_MASK], -1) - _KEY_OFF
-    off = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij"), -1).reshape(-1, 3)
-    return np.unique(_pack((q[:, None, :] + off[None]).reshape(-1, 3)))
 
 
 def pixel_spacing(pts: np.ndarray, valid: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
@@ -147,14 +115,14 @@ def propagate_mask(pts3d: np.ndarray, valid: np.ndarray, view: int, mask: np.nda
         fin = pts3d[valid]
         origin = fin.min(0).astype(np.float64) if fin.size else np.zeros(3)
     if keys is None:
-        keys = _voxel_keys(np.where(valid[..., None], pts3d, 0.0), voxel, origin)
+        keys = voxel_keys(np.where(valid[..., None], pts3d, 0.0), voxel, origin)
     kept = np.unique(keys[view][mask & valid[view]])
     removed_px = (np.zeros((H, W), bool) if prev_masks is None
                   else np.asarray(prev_masks[view], bool) & ~mask)
     removed = np.unique(keys[view][removed_px & valid[view]])
-    removed_only = removed[~_isin_sorted(removed, kept)]
-    kept_near = _dilate_keys(kept) if dilate else kept
-    removed_near = _dilate_keys(removed_only) if dilate else removed_only
+    removed_only = removed[~isin_sorted(removed, kept)]
+    kept_near = dilate_keys(kept) if dilate else kept
+    removed_near = dilate_keys(removed_only) if dilate else removed_only
     if kept.size == 0 and removed_only.size == 0:
         return new
     trees = None
@@ -176,10 +144,10 @@ def propagate_mask(pts3d: np.ndarray, valid: np.ndarray, view: int, mask: np.nda
             continue
         k = keys[w]
         ok = valid[w]
-        in_kept = _isin_sorted(k, kept)
-        in_kept_near = in_kept if not dilate else _isin_sorted(k, kept_near)
-        in_rem = _isin_sorted(k, removed_only)
-        in_rem_near = in_rem if not dilate else _isin_sorted(k, removed_near)
+        in_kept = isin_sorted(k, kept)
+        in_kept_near = in_kept if not dilate else isin_sorted(k, kept_near)
+        in_rem = isin_sorted(k, removed_only)
+        in_rem_near = in_rem if not dilate else isin_sorted(k, removed_near)
         add = in_kept_near & ~(in_rem & ~in_kept) & ok
         remove = in_rem_near & ~in_kept & ok
         new[w] = (new[w] & ~remove) | add
@@ -195,6 +163,20 @@ def propagate_mask(pts3d: np.ndarray, valid: np.ndarray, view: int, mask: np.nda
                 drop[unknown] = dr < dk
                 new[w] &= ~drop
     return new
+
+
+def combine_results(results) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate selection results ``[(label, Segment3D)]`` into one labelled cloud: points
+    (N, 3) float32, colours (N, 3) uint8, labels (N,) int32 (the selection label of each point)."""
+    pts, cols, labs = [], [], []
+    for label, res in results:
+        p = np.asarray(res.points, np.float32).reshape(-1, 3)
+        pts.append(p)
+        cols.append(np.asarray(res.colors).reshape(-1, 3).astype(np.uint8, copy=False))
+        labs.append(np.full(len(p), label, np.int32))
+    if not pts:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), np.zeros(0, np.int32)
+    return np.concatenate(pts), np.concatenate(cols), np.concatenate(labs)
 
 
 class InteractiveSession:
@@ -260,17 +242,7 @@ class InteractiveSession:
     def combined_cloud(self):
         """All selections' points (N,3) float32, colors (N,3) uint8, labels (N,) int32."""
         with self._lock:
-            pts, cols, labs = [], [], []
-            for label, res in self.results():
-                p = np.asarray(res.points, np.float32).reshape(-1, 3)
-                c = np.asarray(res.colors).reshape(-1, 3)
-                pts.append(p)
-                cols.append(c.astype(np.uint8) if c.dtype != np.uint8 else c)
-                labs.append(np.full(len(p), label, np.int32))
-            if not pts:
-                return (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8),
-                        np.zeros(0, np.int32))
-            return np.concatenate(pts), np.concatenate(cols), np.concatenate(labs)
+            return combine_results(self.results())
 
     def add_point_prompt(self, p_world, positive: bool, new_object: bool = False,
                          label: Optional[int] = None):
@@ -377,7 +349,7 @@ class InteractiveSession:
     def _keys(self, voxel: float) -> np.ndarray:
         cv, ck = self._keys_cache
         if cv != voxel or ck is None:
-            ck = _voxel_keys(np.where(self._valid[..., None], self._pts, 0.0), voxel, self._origin)
+            ck = voxel_keys(np.where(self._valid[..., None], self._pts, 0.0), voxel, self._origin)
             self._keys_cache = (voxel, ck)
         return ck
 
