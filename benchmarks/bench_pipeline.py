@@ -3,7 +3,8 @@ segmentation side's scene preparation and first click.
 
 Input: the demo's 5 RGB-D keyframes (sim.tabletop.render_sequence, 512x384, seed 0, the
 camera simulator's odometry drift: 5 mm / 0.3 deg per step), the demo's settings (rgbd backend,
-classical segmenter, complete pair graph, DGA with the paper's alphas, pose priors on).
+segmenter auto = geometric for rgbd (--segmenter), complete pair graph, DGA with the paper's alphas,
+pose priors on).
 
 Per run (--runs, default 5; p50 / p95 reported): ReconstructionPipeline.run stages (pointmaps,
 pre-segmentation, alignment, mask cache, total), the scene cloud packed for publication
@@ -18,6 +19,7 @@ OMP_WAIT_POLICY defaults to PASSIVE (see bench_dga_speed.py). Last line: one JSO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -98,6 +100,7 @@ def main():
     ap.add_argument("--height", type=int, default=384)
     ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--segmenter", default="auto", help="auto (geometric for rgbd), geometric, classical")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
     if args.threads > 0:
@@ -106,10 +109,11 @@ def main():
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     kfs = keyframes(args.width, args.height, args.frames, args.seed)
-    cfg = PipelineConfig()  # the node's defaults = the demo's settings (rgbd, classical, complete, DGA)
+    # the node's defaults = the demo's settings (rgbd, segmenter auto -> geometric, complete, DGA)
+    cfg = PipelineConfig(segmenter=args.segmenter)
     pipe = ReconstructionPipeline(cfg)
     pipe.run(kfs[:2])  # warm-up (imports, lazy initialisation)
-    seg = make_segmenter("classical")
+    seg = make_segmenter(pipe.cfg.segmenter)
     runs = []
     for r in range(args.runs):
         scene, t = pipe.run(kfs)
@@ -118,7 +122,7 @@ def main():
         print(f"  run {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
     base = []
     if args.baseline_runs > 0:
-        pipe.cfg = PipelineConfig(optimizer="adam")
+        pipe.cfg = dataclasses.replace(pipe.cfg, optimizer="adam")
         for r in range(args.baseline_runs):
             _, t = pipe.run(kfs)
             base.append(t)

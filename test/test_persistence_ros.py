@@ -58,6 +58,7 @@ def _diag_value(col, node_name, key):
     return None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_reconstruction_then_restore_bit_identical(ros, tmp_path):
     from wildseg3d_ros.sim.tabletop import render_sequence
     seq = render_sequence(n_views=N, width=W, height=H, seed=5)

@@ -139,6 +139,7 @@ LOADERS = {"llff_fern": datasets.load_llff_fern, "middlebury_temple": datasets.l
 
 
 @needs_shared
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,storage,fmt,pose_msg", [
     ("llff_fern", "sqlite3", "rgb8", "pose"), ("llff_fern", "mcap", "png", "odom"),
     ("middlebury_temple", "mcap", "bgr8", "odom"), ("middlebury_temple", "sqlite3", "png", "pose")])

@@ -49,6 +49,7 @@ def ros():
         rclpy.shutdown()
 
 
+@pytest.mark.slow
 def test_ycbv_bag_replay_click_gives_the_real_object(ros, tmp_path):
     from rclpy.executors import MultiThreadedExecutor
 

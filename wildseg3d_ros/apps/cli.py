@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..core.config import segmenter_choices
+
 
 def _demo(args) -> int:
     from .demo import run_demo
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="scene seed")
     d.add_argument("--target", type=int, default=0, help="click the N-th largest object of keyframe 0")
     d.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
-    d.add_argument("--segmenter", default="classical", choices=("classical", "sam2"))
+    d.add_argument("--segmenter", default="auto", choices=segmenter_choices(),
+                   help="mask-cache segmenter (default auto: geometric for rgbd, classical for sfm)")
     d.add_argument("--backend", default="rgbd", choices=("rgbd", "sfm"),
                    help="rgbd: RGB-D camera with odometry (default); sfm: the RGB-only variant (colour + camera "
                         "info, no depth, no odometry: structure from motion + dense stereo, no weights)")

@@ -32,7 +32,7 @@ def _log(msg: str):
 
 
 def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num_frames: int = 5,
-             seed: int = 0, target_rank: int = 0, iterations: int = 500, segmenter: str = "classical",
+             seed: int = 0, target_rank: int = 0, iterations: int = 500, segmenter: str = "auto",
              timeout_s: float = 110.0, refine_clicks: int = 0, backend: str = "rgbd") -> dict:
     import rclpy
     from geometry_msgs.msg import PointStamped

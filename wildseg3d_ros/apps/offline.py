@@ -37,6 +37,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..core.camera.sources import Frame, Source, guess_K, open_source
+from ..core.config import backend_choices, segmenter_choices
 from ..core.errors import InputError
 
 @dataclass
@@ -525,7 +526,7 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     k.add_argument("--min-flow", type=float, default=20.0, help="keyframes: min image motion (px) without poses")
     k.add_argument("--min-sharpness", type=float, default=15.0, help="keyframes: min variance of Laplacian")
     m = s.add_argument_group("models")
-    m.add_argument("--backend", choices=("rgbd", "sfm", "dust3r"), default="rgbd",
+    m.add_argument("--backend", choices=backend_choices(), default="rgbd",
                    help="pointmaps from metric depth (rgbd, CPU), from RGB only by structure from motion + dense "
                         "stereo (sfm, CPU, no weights) or from RGB with DUSt3R/MASt3R (dust3r) (default rgbd)")
     m.add_argument("--checkpoint", help="dust3r: DUSt3R/MASt3R checkpoint: .pth file, save_pretrained folder or "
@@ -540,7 +541,7 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, choices=(224, 512), default=512, help="dust3r: network input size")
     m.add_argument("--batch-size", type=int, default=4, help="dust3r: pairs per forward pass")
     m.add_argument("--scene-graph", default="complete", help="pair graph: complete | swin-<k> | oneref-<k>")
-    m.add_argument("--segmenter", choices=("auto", "geometric", "classical", "sam2"), default="auto",
+    m.add_argument("--segmenter", choices=segmenter_choices(), default="auto",
                    help="mask-cache segmenter: geometric (CPU, no weights; RGB-D clutter: support planes, "
                         "depth discontinuities, convexity), classical (CPU, no weights; colour + geometry) or "
                         "sam2; auto (default): geometric with metric depth (rgbd), classical otherwise")

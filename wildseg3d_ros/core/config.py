@@ -122,3 +122,16 @@ def check_flat(values: Mapping[str, Any]) -> Optional[str]:
         if n_at == 1:
             return "keyframes.reconstruct_at=1: a reconstruction needs at least 2 keyframes (0 disables)"
     return None
+
+
+def backend_choices() -> tuple:
+    """The registered pointmap backends (parameter choices, CLI flags): a new entry in
+    ``pointmaps.BACKENDS`` is selectable everywhere."""
+    from .pointmaps import BACKENDS
+    return tuple(BACKENDS.names())
+
+
+def segmenter_choices() -> tuple:
+    """``auto`` and the registered segmenters (``presegment.base.SEGMENTERS``)."""
+    from .presegment.base import SEGMENTERS
+    return ("auto",) + tuple(SEGMENTERS.names())

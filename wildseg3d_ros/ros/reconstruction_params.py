@@ -2,6 +2,7 @@
 README tables are generated from it by scripts/param_tables.py)."""
 from __future__ import annotations
 
+from ..core.config import backend_choices, segmenter_choices
 from .params import ParamSpec, check_device, check_dir_param, check_file_param, check_scene_graph
 
 PARAMS = [
@@ -47,8 +48,8 @@ PARAMS = [
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
               "many new keyframes (0: only on ~/reconstruct).", 0, 64),
     ParamSpec("backend", "rgbd", "Pointmap backend: rgbd (depth camera), sfm (RGB only, no weights: "
-              "structure from motion + stereo, CPU) or dust3r (RGB, network checkpoint).",
-              choices=("rgbd", "sfm", "dust3r")),
+              "structure from motion + stereo, CPU) or dust3r (RGB, DUSt3R/MASt3R checkpoint).",
+              choices=backend_choices()),
     ParamSpec("sfm.refine_intrinsics", False, "sfm: refine the focal length in bundle adjustment "
               "(CameraInfo only approximate) instead of trusting the calibration."),
     ParamSpec("sfm.max_pairs_per_view", 3, "sfm: dense stereo pairs kept per keyframe (best by shared "
@@ -65,7 +66,7 @@ PARAMS = [
     ParamSpec("segmenter", "auto", "Mask-cache segmenter: geometric (no weights, RGB-D clutter: support "
               "planes, depth discontinuities, local convexity), classical (no weights, colour + geometry), "
               "sam2, or auto: geometric for metric (depth) backends, classical otherwise.",
-              choices=("auto", "geometric", "classical", "sam2")),
+              choices=segmenter_choices()),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("sam2.points_per_side", 16, "Automatic mask generator grid.", 2, 64),

@@ -53,6 +53,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 from std_srvs.srv import Trigger
 
+from ..core.config import segmenter_choices
 from . import convert
 from .frame_input import percentile
 from .memory import release_free_heap
@@ -67,7 +68,7 @@ from .throttled_log import ThrottledLogger
 PARAMS = [
     ParamSpec("segmenter", "auto", "Segmenter used to refine with extra clicks (use the reconstruction "
               "node's): geometric, classical, sam2, or auto: geometric for metric scenes, classical otherwise.",
-              choices=("auto", "geometric", "classical", "sam2")),
+              choices=segmenter_choices()),
     ParamSpec("sam2.config", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM2 config name in the sam2 package."),
     ParamSpec("sam2.checkpoint", "", "SAM2 checkpoint path (read only).", check=check_file_param),
     ParamSpec("device", "cpu", "torch device for SAM2 refinement (cpu, cuda, cuda:N, mps).", check=check_device),

@@ -6,8 +6,9 @@ Create one by name with :func:`make_backend`:
   pairwise poses by feature matching + RANSAC PnP + point-to-plane ICP);
 * ``"sfm"``    -> :class:`~wildseg3d_ros.core.pointmaps.sfm.SfmBackend` (RGB only, no weights; CPU;
   pycolmap structure from motion + OpenCV SGBM pairwise stereo);
-* ``"dust3r"`` -> :class:`~wildseg3d_ros.core.pointmaps.dust3r.Dust3rBackend` (the
-  ``dust3r`` / ``mast3r`` packages, cloned by the user; licence CC BY-NC-SA 4.0); imported lazily.
+* ``"dust3r"`` -> :class:`~wildseg3d_ros.core.pointmaps.dust3r.Dust3rBackend` (DUSt3R or MASt3R
+  checkpoints, the network class read from the checkpoint; the ``dust3r`` / ``mast3r`` clones or
+  ``mini_dust3r``; licence CC BY-NC-SA 4.0); imported lazily.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ BACKENDS = Registry("reconstruction backend", BackendError, {
                  {"sfm.refine_intrinsics": "refine_intrinsics", "sfm.max_pairs_per_view": "max_pairs_per_view",
                   "sfm.max_image_size": "max_image_size"}, uses_device=True, presegment_geometry=False),
     "dust3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
-    "mast3r": Entry("wildseg3d_ros.core.pointmaps.dust3r", "Dust3rBackend", _D3, uses_device=True),
 })
 
 
@@ -33,5 +33,5 @@ def available_backends():
 
 
 def make_backend(name: str, **kw) -> PointmapBackend:
-    """Instantiate the backend ``name`` (``rgbd`` | ``sfm`` | ``dust3r`` | ``mast3r``) with keyword options."""
+    """Instantiate the backend ``name`` (``rgbd`` | ``sfm`` | ``dust3r``) with keyword options."""
     return BACKENDS.create(name, **kw)
