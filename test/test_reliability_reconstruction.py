@@ -254,6 +254,8 @@ def test_bad_camera_input_is_refused_and_the_scene_kept(ros, seq, tmp_path):
         assert wait_for(lambda: len(rig.scene.nonempty()) == 2, 60), "no second scene"
         assert rig.scene.nonempty()[1].height == 5 * H  # keyframes 0..4
         assert node.stats["frame_errors"] == 0
+        # accepted keyframes were prepared ahead on the node's keyframe-preparation thread
+        assert node.stats["keyframes_prepared"] >= 1 and node.stats["keyframe_prepare_errors"] == 0
     finally:
         rig.close()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.metrics import match_frames, segment_iou_per_view
+from ..core.geometry import finite_points
 
 
 def _log(msg: str):
@@ -133,7 +134,7 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         gt_kf = seq.instance[frame_idx]
         # objects ranked by their reconstructed area in keyframe 0 (all of it with depth; stereo
         # leaves holes, an object may even be missing from it)
-        rec0 = np.isfinite(scene.pts3d[0]).all(-1) & (scene.conf[0] > 0)
+        rec0 = finite_points(scene.pts3d[0]) & (scene.conf[0] > 0)
         areas = {oid: int(((gt_kf[0] == oid) & rec0).sum()) for oid in seq.scene.object_ids}
         ranked = sorted(areas, key=lambda o: -areas[o])
         target = ranked[min(target_rank, len(ranked) - 1)]

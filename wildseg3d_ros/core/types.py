@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .geometry import finite_points
+
 
 @dataclass
 class Keyframe:
@@ -41,6 +43,21 @@ class Keyframe:
     @property
     def shape(self):
         return self.rgb.shape[:2]
+
+    def content_key(self) -> str:
+        """A digest of what per-keyframe work depends on (image, depth, K): the key of the
+        caches that let work done when the keyframe was accepted be reused by a reconstruction."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.rgb, self.depth, self.K):
+            if a is None:
+                h.update(b"none")
+            else:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
 
 
 @dataclass
@@ -109,7 +126,7 @@ class AlignedScene:
 
     def valid_mask(self) -> np.ndarray:
         """V x H x W bool: finite points with positive confidence."""
-        return np.isfinite(self.pts3d).all(-1) & (self.conf > 0)
+        return finite_points(self.pts3d) & (self.conf > 0)
 
 
 @dataclass
@@ -182,7 +199,7 @@ class PairwisePredictions:
         for e, i in enumerate(self.idx1):
             if out[i][0] is None:
                 p, c = _to_numpy(self.pts1[e]), _to_numpy(self.conf1[e])
-                out[i] = (p.astype(np.float32), (c > 0) & np.isfinite(p).all(-1))
+                out[i] = (p.astype(np.float32), (c > 0) & finite_points(p))
         return out
 
     @classmethod

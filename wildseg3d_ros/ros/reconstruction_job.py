@@ -2,10 +2,16 @@
 by ~/reset (its result is then discarded), never more than one running; a cancelled job still
 winding down is waited for by the next one (the pipeline objects are not shared).
 
+Accepted keyframes are prepared ahead on a second thread (``keyframes.prepare_ahead``:
+``ReconstructionPipeline.prepare``: the backend's per-keyframe features, the pre-segmentation
+when the keyframe's geometry is known), so a reconstruction starts with that work done.
+
 A mixin of ReconstructionNode: expects ``_lock``, ``_buffer``, ``params``, ``stats``, ``log``,
-``_ensure_pipeline()``, ``_publish_scene()`` and ``_save_scene()`` on the node."""
+``_stop``, ``_pipeline``, ``_ensure_pipeline()``, ``_publish_scene()`` and ``_save_scene()`` on
+the node."""
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import traceback
@@ -25,6 +31,35 @@ class ReconstructionJobMixin:
         self.last_reconstruction = {}
         self._cancel_t: Optional[float] = None
         self.last_cancel_latency_s: Optional[float] = None
+        # keyframes waiting for their per-keyframe work (features, pre-segmentation), newest last
+        self._prep_queue: "collections.deque" = collections.deque(maxlen=4)
+        self._prep_wake = threading.Event()
+        self._prep_thread = threading.Thread(target=self._prepare_loop, name="keyframe-prepare", daemon=True)
+        self._prep_thread.start()
+
+    def _prepare_loop(self):
+        """Keyframe preparation thread: what each keyframe needs on its own is done while the
+        camera keeps streaming, so the reconstruction starts with it done (it waits while a
+        reconstruction runs; the reconstruction does whatever is not prepared yet)."""
+        while not self._stop.is_set():
+            self._prep_wake.wait(0.5)
+            self._prep_wake.clear()
+            while self._prep_queue and not self._stop.is_set():
+                try:
+                    kf = self._prep_queue.popleft()
+                except IndexError:
+                    break
+                pipe = self._pipeline  # never built here: the init thread or a job builds it
+                if pipe is None or not self.params["keyframes.prepare_ahead"]:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    if pipe.prepare(kf):
+                        self.stats["keyframes_prepared"] += 1
+                        self.last_prepare_s = time.perf_counter() - t0
+                except Exception as e:  # the reconstruction does the work itself then
+                    self.stats["keyframe_prepare_errors"] += 1
+                    self.internal_error("keyframe preparation", e)
 
     def reconstruction_running(self) -> bool:
         """True while a reconstruction that has not been cancelled is running."""
@@ -40,6 +75,11 @@ class ReconstructionJobMixin:
     def _keyframe_accepted(self):
         """After each accepted keyframe: start the automatic reconstruction when due."""
         self._new_since_reconstruction += 1
+        if self.params["keyframes.prepare_ahead"]:
+            kfs = self._buffer.keyframes()
+            if kfs:
+                self._prep_queue.append(kfs[-1])
+                self._prep_wake.set()
         n_at = self.params["keyframes.reconstruct_at"]
         if n_at > 0 and len(self._buffer) >= n_at and self._new_since_reconstruction >= n_at:
             self._start_job("auto")
@@ -71,6 +111,7 @@ class ReconstructionJobMixin:
             self._cancel.set()
             self._generation += 1
             self._buffer.clear()
+            self._prep_queue.clear()
             self._scene = None
             self._new_since_reconstruction = 0
             return self._job is not None and self._job.is_alive()

@@ -45,6 +45,9 @@ PARAMS = [
     ParamSpec("keyframes.min_sharpness", 15.0, "Frames whose variance of Laplacian is below this "
               "are rejected as blurred (0 disables).", 0.0, 1e6),
     ParamSpec("keyframes.max_keyframes", 8, "Bounded keyframe buffer size.", 2, 64),
+    ParamSpec("keyframes.prepare_ahead", True, "Do each accepted keyframe's own work (features, normals, "
+              "pre-segmentation with depth) on a background thread while the camera streams, so a "
+              "reconstruction starts with it done (rgbd: ~1.8 s less for 5 keyframes at 512x384)."),
     ParamSpec("keyframes.reconstruct_at", 5, "Reconstruct automatically when the buffer holds this "
               "many new keyframes (0: only on ~/reconstruct).", 0, 64),
     ParamSpec("backend", "rgbd", "Pointmap backend: rgbd (depth camera), sfm (RGB only, no weights: "

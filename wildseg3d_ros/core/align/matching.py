@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from ..geometry import finite_points
 
 
 def _flags(a, b, valid_a, valid_b, tau, mutual):
@@ -68,8 +69,8 @@ def pair_matches(pts_a, pts_b, valid_a=None, valid_b=None, threshold: float = 0.
     pts_b = np.asarray(pts_b, dtype=np.float64)
     Ha, Wa = pts_a.shape[:2]
     Hb, Wb = pts_b.shape[:2]
-    va = np.isfinite(pts_a).all(-1) if valid_a is None else (np.asarray(valid_a, bool) & np.isfinite(pts_a).all(-1))
-    vb = np.isfinite(pts_b).all(-1) if valid_b is None else (np.asarray(valid_b, bool) & np.isfinite(pts_b).all(-1))
+    va = finite_points(pts_a) if valid_a is None else (np.asarray(valid_a, bool) & finite_points(pts_a))
+    vb = finite_points(pts_b) if valid_b is None else (np.asarray(valid_b, bool) & finite_points(pts_b))
     s = max(int(stride), 1)
     sa, sb = pts_a[::s, ::s], pts_b[::s, ::s]
     fa, fb = _flags(sa.reshape(-1, 3), sb.reshape(-1, 3), va[::s, ::s].reshape(-1),

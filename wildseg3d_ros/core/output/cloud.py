@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+from ..geometry import finite_points
 
 import numpy as np
 
@@ -327,7 +328,7 @@ def pack_scene_cloud(scene) -> Tuple[np.ndarray, int, int]:
     if conf.shape != (V, H, W) or rgb.shape != (V, H, W, 3):
         raise CloudError(f"scene.conf {conf.shape} / scene.rgb {rgb.shape} do not match "
                          f"pts3d {pts.shape}")
-    valid = np.isfinite(pts).all(-1) & (conf > 0)
+    valid = finite_points(pts) & (conf > 0)
     arr = np.empty((V * H, W), scene_cloud_dtype())
     nan = np.float32(np.nan)
     for i, c in enumerate("xyz"):
@@ -386,7 +387,7 @@ def unpack_scene_cloud(arr: np.ndarray, height: int, width: int, num_views: int)
     if "confidence" in names:
         conf = flat["confidence"].astype(np.float32).reshape(shp)
     else:
-        conf = np.isfinite(pts).all(-1).astype(np.float32)
+        conf = finite_points(pts).astype(np.float32)
     label = flat["label"].astype(np.int32).reshape(shp) if "label" in names \
         else np.zeros(shp, np.int32)
     if "keyframe" in names:

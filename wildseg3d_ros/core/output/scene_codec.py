@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cloud as corecloud
-from ..geometry import resect_pinhole
+from ..geometry import finite_points, resect_pinhole
 from ..mask_cache import object_table
 from ..types import AlignedScene, MaskCache
 
@@ -37,7 +37,7 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
                                "(keyframe v must fill rows v*H .. v*H+H-1)")
     d = corecloud.unpack_scene_cloud(arr, height, width, V)
     pts, conf = d["pts3d"], d["conf"]
-    valid = np.isfinite(pts).all(-1) & (conf > 0)
+    valid = finite_points(pts) & (conf > 0)
     Ks, poses = [], []
     for v in range(V):
         try:

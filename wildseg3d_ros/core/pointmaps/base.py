@@ -31,9 +31,20 @@ class PointmapBackend(abc.ABC):
     name: str = "base"
     #: scene graph used when ``predict_pairs`` gets ``pairs=None``
     scene_graph: str = "complete"
+    #: a view's own-frame pointmap depends on that keyframe alone (depth cameras), not on the
+    #: other keyframes (networks, stereo): its pre-segmentation can be done and kept ahead
+    pointmaps_per_keyframe: bool = False
 
     def make_pairs(self, n: int, scene_graph: Optional[str] = None) -> List[Pair]:
         return make_pairs(n, scene_graph or self.scene_graph)
+
+    def prepare(self, keyframe: Keyframe):
+        """Per-keyframe work that needs no other keyframe (features, normals), done ahead of
+        :meth:`predict_pairs` (the node calls it when a keyframe is accepted) and cached by the
+        keyframe's content. Returns the keyframe's camera-frame pointmap and validity
+        ``((H, W, 3) float32, (H, W) bool)`` when the backend knows them before pairing (depth
+        cameras), else None. The default does nothing."""
+        return None
 
     @abc.abstractmethod
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..geometry import invert_pose, transform_points
+from ..geometry import finite_points, invert_pose, transform_points
 from ..types import Keyframe, PairwisePredictions
 from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
 from .base import Pair, PointmapBackend
@@ -218,7 +218,7 @@ class SfmBackend(PointmapBackend):
             ray = np.stack([(u - Kv[0, 2]) / Kv[0, 0], (w - Kv[1, 2]) / Kv[1, 1], np.ones_like(u)], -1)
             fused = np.where(have[..., None], ray * np.where(have, zmed, 0.0)[..., None], np.nan)
             for (e, k, T), Xv in zip(sl, P):
-                hole = ~np.isfinite(Xv).all(-1) & have
+                hole = ~finite_points(Xv) & have
                 if not hole.any():
                     continue
                 back = transform_points(invert_pose(T), fused[hole])

@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from ..errors import SegmenterError
 from .base import Segmenter, as_uv
 from ..mask_cache import relabel_consecutive
+from ..geometry import finite_points
 
 __all__ = ["ClassicalSegmenter", "pointmap_normals", "geometric_edges", "detect_planes", "merge_average_linkage"]
 
@@ -72,7 +73,7 @@ def _normal(tu, tv):
     n = -np.cross(tu, tv)
     with np.errstate(invalid="ignore", divide="ignore"):
         n = n / np.linalg.norm(n, axis=-1, keepdims=True)
-    n[~np.isfinite(n).all(-1)] = 0.0
+    n[~finite_points(n)] = 0.0
     return n
 
 
@@ -374,7 +375,7 @@ class ClassicalSegmenter(Segmenter):
         use_geo = pts is not None
         if use_geo:
             pts = np.asarray(pts, np.float32)
-            v = np.isfinite(pts).all(-1)
+            v = finite_points(pts)
             if valid is not None:
                 v &= np.asarray(valid, bool)
             valid = v

@@ -74,7 +74,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 
 from ..errors import SegmenterError
-from ..geometry import resect_pinhole
+from ..geometry import finite_points, resect_pinhole
 from ..mask_cache import relabel_consecutive
 from .base import Segmenter, as_uv
 
@@ -693,7 +693,7 @@ class GeometricSegmenter(Segmenter):
         pts = np.asarray(pts, np.float64)
         if pts.shape[:2] != rgb.shape[:2] or pts.shape[-1] != 3:
             raise SegmenterError(f"pointmap shape {pts.shape} does not match image {rgb.shape[:2]}")
-        v = np.isfinite(pts).all(-1)
+        v = finite_points(pts)
         if valid is not None:
             v &= np.asarray(valid, bool)
         if v.mean() < self.min_valid_frac:

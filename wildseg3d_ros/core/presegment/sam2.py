@@ -44,6 +44,7 @@ from ..mask_cache import object_table
 from ..types import MaskCache
 from ..errors import CancelFn, ProgressFn, SegmenterError, check_cancel, report
 from .base import Segmenter, as_uv
+from ..geometry import finite_points
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +563,7 @@ class Sam2Segmenter(Segmenter):
         try:
             from ..voxels import auto_voxel_size
             pts3d = np.asarray(pts3d)
-            ok = valid & np.isfinite(pts3d).all(-1)
+            ok = valid & finite_points(pts3d)
             voxel = auto_voxel_size(pts3d, ok)
         except Exception as exc:  # pragma: no cover - helper missing / degenerate scene
             log.debug("sam2: tracking verification skipped (%s)", exc)

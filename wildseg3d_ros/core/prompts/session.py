@@ -205,7 +205,8 @@ class InteractiveSession:
         same = getattr(mapper, "scene", None) is scene and getattr(mapper, "valid", None) is not None
         self._valid = mapper.valid if same else scene.valid_mask()
         self._pts = np.where(self._valid[..., None], scene.pts3d, np.nan).astype(np.float32, copy=False)
-        self._origin = (np.fmin.reduce(self._pts.reshape(-1, 3), axis=0).astype(np.float64)
+        # per coordinate (a reduction over the length-3 axis of all points is ~5x slower)
+        self._origin = (np.array([np.nanmin(self._pts[..., k]) for k in range(3)], np.float64)
                         if self._valid.any() else np.zeros(3))
         self._keys_cache: Tuple[Optional[float], Optional[np.ndarray]] = (None, None)
         self._lock = threading.RLock()
