@@ -18,7 +18,7 @@ returning True when the caller wants the work aborted (then :class:`~wildseg3d_r
 from __future__ import annotations
 
 import abc
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..errors import BackendError, CancelFn, ProgressFn
 from ..types import Keyframe, PairwisePredictions
@@ -51,6 +51,21 @@ class PointmapBackend(abc.ABC):
                       progress: Optional[ProgressFn] = None,
                       cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         """Pairwise predictions for ``pairs`` of list positions (None: the backend's scene graph)."""
+
+    def _check_inputs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]],
+                      same_size: bool = True) -> Tuple[List[Keyframe], List[Pair]]:
+        """The keyframes as a list and the checked pairs (the backend's scene graph when None);
+        BackendError for fewer than 2 keyframes or, with ``same_size``, mixed image sizes."""
+        kfs = list(keyframes)
+        n = len(kfs)
+        if n < 2:
+            raise BackendError(f"{self.name} backend: need at least 2 keyframes, got {n}")
+        pairs = self._check_pairs(n, pairs if pairs is not None else self.make_pairs(n))
+        shapes = {tuple(k.rgb.shape[:2]) for k in kfs}
+        if same_size and len(shapes) != 1:
+            raise BackendError(f"{self.name} backend: keyframes have different image sizes {sorted(shapes)}; "
+                               "resize them to one size first")
+        return kfs, pairs
 
     @staticmethod
     def _check_pairs(n: int, pairs: Sequence[Pair]) -> List[Pair]:

@@ -564,15 +564,8 @@ class RgbdBackend(PointmapBackend):
                       cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         import torch
 
-        kfs = list(keyframes)
+        kfs, pairs = self._check_inputs(keyframes, pairs)
         n = len(kfs)
-        if n < 2:
-            raise BackendError(f"rgbd backend: need at least 2 keyframes, got {n}")
-        pairs = self._check_pairs(n, pairs if pairs is not None else self.make_pairs(n))
-        shapes = {tuple(k.rgb.shape[:2]) for k in kfs}
-        if len(shapes) != 1:
-            raise BackendError(f"rgbd backend: keyframes have different image sizes {sorted(shapes)}; "
-                               "resize them to one size first")
         used = sorted({v for p in pairs for v in p})
         frames: Dict[int, _Frame] = {}
         und = sorted({(min(i, j), max(i, j)) for i, j in pairs})
@@ -618,7 +611,7 @@ class RgbdBackend(PointmapBackend):
         pairs = [(i, j) for i, j in pairs if (min(i, j), max(i, j)) in self.registrations]
         self.relative_poses = {}
         E = len(pairs)
-        H, W = next(iter(shapes))
+        H, W = kfs[0].rgb.shape[:2]
         pts1 = np.empty((E, H, W, 3), np.float32)
         pts2 = np.empty((E, H, W, 3), np.float32)
         conf1 = np.empty((E, H, W), np.float32)

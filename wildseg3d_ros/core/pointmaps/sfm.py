@@ -34,6 +34,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from ..geometry import finite_points, invert_pose, transform_points
 from ..types import Keyframe, PairwisePredictions
@@ -62,20 +64,36 @@ def _resize_keyframe(rgb: np.ndarray, K: np.ndarray, max_size: int) -> Tuple[np.
 
 
 def _components(nodes: Sequence[int], edges: Sequence[Tuple[int, int]]) -> List[List[int]]:
-    parent = {v: v for v in nodes}
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in edges:
-        parent[find(a)] = find(b)
+    """Connected components (largest first) of the undirected graph (nodes, edges)."""
+    nodes = list(nodes)
+    if not nodes:
+        return []
+    idx = {v: k for k, v in enumerate(nodes)}
+    r = np.array([idx[a] for a, _ in edges], np.int64)
+    c = np.array([idx[b] for _, b in edges], np.int64)
+    _, lab = connected_components(coo_matrix((np.ones(r.size), (r, c)), shape=(len(nodes),) * 2),
+                                  directed=False)
     comp: Dict[int, List[int]] = {}
-    for v in nodes:
-        comp.setdefault(find(v), []).append(v)
+    for v, k in zip(nodes, lab.tolist()):
+        comp.setdefault(k, []).append(v)
     return sorted(comp.values(), key=lambda c: (-len(c), c[0]))
+
+
+def _max_spanning_forest(weights: Dict[Tuple[int, int], float]) -> set:
+    """The edges of a maximum-weight spanning forest of the undirected graph ``{edge: weight}``
+    (scipy's minimum spanning tree on ``max + 1 - weight``)."""
+    if not weights:
+        return set()
+    edges = list(weights)
+    nodes = sorted({v for e in edges for v in e})
+    idx = {v: k for k, v in enumerate(nodes)}
+    w = np.array([weights[e] for e in edges], np.float64)
+    g = coo_matrix(((w.max() + 1.0) - w, ([idx[a] for a, _ in edges], [idx[b] for _, b in edges])),
+                   shape=(len(nodes),) * 2).tocsr()
+    t = minimum_spanning_tree(g).tocoo()
+    back = {(idx[a], idx[b]): (a, b) for a, b in edges}
+    back.update({(idx[b], idx[a]): (a, b) for a, b in edges})
+    return {back[(int(i), int(j))] for i, j in zip(t.row, t.col)}
 
 
 class SfmBackend(PointmapBackend):
@@ -153,21 +171,8 @@ class SfmBackend(PointmapBackend):
                 # favour many verified matches at a well-conditioned angle (~8 deg and up)
                 usable[(i, j)] = m * min(1.0, ang / 8.0)
         # maximum spanning forest first (connectivity), then the best partners per view
-        kept = set()
+        kept = _max_spanning_forest(usable)
         nodes = sorted({v for e in usable for v in e})
-        parent = {v: v for v in nodes}
-
-        def find(a):
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
-
-        for e in sorted(usable, key=lambda e: -usable[e]):
-            a, b = find(e[0]), find(e[1])
-            if a != b:
-                parent[a] = b
-                kept.add(e)
         deg = {v: sum(v in e for e in kept) for v in nodes}
         for e in sorted(usable, key=lambda e: -usable[e]):
             if e in kept:
@@ -235,15 +240,8 @@ class SfmBackend(PointmapBackend):
                       cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         import torch
 
-        kfs = list(keyframes)
+        kfs, pairs = self._check_inputs(keyframes, pairs)
         n = len(kfs)
-        if n < 2:
-            raise BackendError(f"sfm backend: need at least 2 keyframes, got {n}")
-        pairs = self._check_pairs(n, pairs if pairs is not None else self.make_pairs(n))
-        shapes = {tuple(k.rgb.shape[:2]) for k in kfs}
-        if len(shapes) != 1:
-            raise BackendError(f"sfm backend: keyframes have different image sizes {sorted(shapes)}; "
-                               "resize them to one size first")
         t0 = time.perf_counter()
         imgs, Ks = zip(*[_resize_keyframe(np.asarray(kf.rgb), kf.K, self.max_image_size) for kf in kfs])
         check_cancel(cancel, "sfm backend")

@@ -441,6 +441,25 @@ def _atoms(lab: np.ndarray, fg: np.ndarray, eh: np.ndarray, ev: np.ndarray, step
     return out
 
 
+def _join_best_neighbour(src, dst, wgt, size, n: int) -> np.ndarray:
+    """Region remap (n,): every region in ``src`` joins the ``dst`` it has the largest ``wgt``
+    with (candidate arrays of equal length); of two regions choosing each other the larger
+    (``size``) stays; chains are followed (6 hops)."""
+    o = np.lexsort((-wgt, src))
+    s_, d_ = src[o], dst[o]
+    first = np.ones(s_.size, bool)
+    first[1:] = s_[1:] != s_[:-1]
+    s_, d_ = s_[first], d_[first]
+    remap = np.arange(n)
+    remap[s_] = d_
+    back = remap[d_] == s_
+    stay = back & (size[s_] >= size[d_])
+    remap[s_[stay]] = s_[stay]
+    for _ in range(6):
+        remap = remap[remap]
+    return remap
+
+
 def _absorb_small_atoms(atoms, A, eh, ev, min_px: int):
     """Atoms under ``min_px`` pixels (too small for a plane fit; they would bridge two surfaces
     with an arbitrary normal) join the neighbour they share the longest continuous border with
@@ -457,19 +476,7 @@ def _absorb_small_atoms(atoms, A, eh, ev, min_px: int):
                + 1e-3 * np.concatenate([n[eb[small[ea]]], n[ea[small[eb]]]]))  # ties: larger one
         if src.size == 0:
             break
-        o = np.lexsort((-wgt, src))
-        s_, d_ = src[o], dst[o]
-        first = np.ones(s_.size, bool)
-        first[1:] = s_[1:] != s_[:-1]
-        remap = np.arange(A)
-        s_, d_ = s_[first], d_[first]
-        # two small atoms pointing at each other: the larger one stays
-        remap[s_] = d_
-        back = remap[d_] == s_
-        keep_big = back & (n[s_] >= n[d_])
-        remap[s_[keep_big]] = s_[keep_big]
-        for _ in range(6):
-            remap = remap[remap]
+        remap = _join_best_neighbour(src, dst, wgt, n, A)
         m = atoms >= 0
         atoms = atoms.copy()
         atoms[m] = remap[atoms[m]]
@@ -839,23 +846,9 @@ class GeometricSegmenter(Segmenter):
             wgt = np.concatenate([cnt[fa], cnt[fb]]).astype(np.float64)
             if src.size == 0:
                 break
-            key = src * S + dst
+            key = src * S + dst  # a fragment's border with each neighbour, summed
             uk, inv = np.unique(key, return_inverse=True)
-            tot = np.bincount(inv, weights=wgt)
-            s_, d_ = uk // S, uk % S
-            o = np.lexsort((-tot, s_))
-            s_, d_ = s_[o], d_[o]
-            first = np.ones(s_.size, bool)
-            first[1:] = s_[1:] != s_[:-1]
-            s_, d_ = s_[first], d_[first]
-            remap = np.arange(S)
-            remap[s_] = d_
-            # two fragments pointing at each other: the larger one stays
-            back = remap[d_] == s_
-            stay = back & (area[s_] >= area[d_])
-            remap[s_[stay]] = s_[stay]
-            for _ in range(6):
-                remap = remap[remap]
+            remap = _join_best_neighbour(uk // S, uk % S, np.bincount(inv, weights=wgt), area, S)
             if np.array_equal(remap, np.arange(S)):
                 break
             seg = remap[seg]
