@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from wildseg3d_ros.core.geometry import pose_delta  # noqa: E402
 from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend  # noqa: E402
-from wildseg3d_ros.core.geometry import invert_pose, quat_xyzw_to_rot  # noqa: E402
+from wildseg3d_ros.core.geometry import invert_pose  # noqa: E402
 from wildseg3d_ros.core.types import Keyframe  # noqa: E402
+from wildseg3d_ros.eval.datasets import load_rgbd_room  # noqa: E402
 
 ROOM = ROOT.parent / "shared" / "data" / "rgbd_room"
 
@@ -48,20 +49,10 @@ def load_synthetic():
 
 
 def load_room():
-    import cv2
-
-    K = np.array([[518.0, 0, 325.5], [0, 519.0, 253.5], [0, 0, 1]])
-    rows = np.loadtxt(ROOM / "pose.txt")
-    kfs, poses = [], []
-    for n in range(1, 6):
-        rgb = cv2.cvtColor(cv2.imread(str(ROOM / "color" / f"{n}.png")), cv2.COLOR_BGR2RGB)
-        d = cv2.imread(str(ROOM / "depth" / f"{n}.pgm"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
-        T = np.eye(4)
-        T[:3, :3] = quat_xyzw_to_rot(rows[n - 1, 3:])
-        T[:3, 3] = rows[n - 1, :3]
-        kfs.append(Keyframe(n - 1, float(n), rgb, K, d))
-        poses.append(T)
-    return kfs, np.stack(poses), None
+    d = load_rgbd_room(ROOM)
+    n = min(5, len(d.rgb))
+    kfs = [Keyframe(v, float(v + 1), d.rgb[v], d.K, d.depth[v]) for v in range(n)]  # no pose prior
+    return kfs, d.poses[:n], None
 
 
 def evaluate(kfs, ref, odom, pairs):

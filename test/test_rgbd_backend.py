@@ -10,8 +10,9 @@ from wildseg3d_ros.core.pointmaps import BackendError, make_backend, make_pairs
 from wildseg3d_ros.core.errors import Cancelled
 from wildseg3d_ros.core.geometry import pose_delta
 from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend, depth_confidence
-from wildseg3d_ros.core.geometry import backproject_depth, invert_pose, quat_xyzw_to_rot, transform_points
+from wildseg3d_ros.core.geometry import backproject_depth, invert_pose, transform_points
 from wildseg3d_ros.core.types import Keyframe
+from wildseg3d_ros.eval.datasets import load_rgbd_room
 
 ROOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd_room"
 
@@ -141,20 +142,10 @@ def test_errors_and_cancel(seq):
 
 # ---------------------------------------------------------------------------------------------
 def _load_room():
-    import cv2
-
-    K = np.array([[518.0, 0, 325.5], [0, 519.0, 253.5], [0, 0, 1]])
-    rows = np.loadtxt(ROOM / "pose.txt")
-    kfs, poses = [], []
-    for n in range(1, 6):
-        rgb = cv2.cvtColor(cv2.imread(str(ROOM / "color" / f"{n}.png")), cv2.COLOR_BGR2RGB)
-        d = cv2.imread(str(ROOM / "depth" / f"{n}.pgm"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
-        T = np.eye(4)
-        T[:3, :3] = quat_xyzw_to_rot(rows[n - 1, 3:])
-        T[:3, 3] = rows[n - 1, :3]
-        poses.append(T)
-        kfs.append(Keyframe(n - 1, float(n), rgb, K, d))  # no pose prior: registration only
-    return kfs, np.stack(poses)
+    d = load_rgbd_room(ROOM)
+    n = min(5, len(d.rgb))
+    kfs = [Keyframe(v, float(v + 1), d.rgb[v], d.K, d.depth[v]) for v in range(n)]  # no pose prior
+    return kfs, d.poses[:n]
 
 
 @pytest.mark.skipif(not ROOM.exists(), reason=f"real RGB-D data absent ({ROOM}); needs ../shared beside the repo")

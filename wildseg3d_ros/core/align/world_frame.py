@@ -94,12 +94,17 @@ def _residuals(s, R, t, R_e, c_e, R_k, c_k, L):
 
 
 def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarray]], metric: bool,
-                        inlier_deg: float = 3.0, min_spread_m: float = 1e-3) -> WorldFit:
+                        inlier_deg: float = 3.0, min_spread_m: float = 1e-3,
+                        scene_depth: Optional[float] = None) -> WorldFit:
     """The similarity taking the estimated camera-to-world poses onto the known ones.
 
     est_poses: (V, 4, 4) camera-to-world from the aligner; known: V entries, a 4x4
     camera-to-world pose or None; metric: True keeps s = 1. Views with a non-finite known pose
-    are ignored. Without any known pose the first camera becomes the origin (mode 'anchor')."""
+    are ignored. Without any known pose the first camera becomes the origin (mode 'anchor').
+    ``scene_depth``: typical camera-to-scene distance in the estimate's units; the rotation term
+    is weighted by ``L = max(spread of the centres, scene depth)`` (a rotation error of theta
+    moves the scene by ~theta x depth, a centre error by itself), so a short sweep's centres
+    (noise comparable to their spread) cannot tilt the frame the cameras' orientations fix."""
     est = np.asarray(est_poses, np.float64)
     idx = [i for i, k in enumerate(known) if k is not None and np.isfinite(np.asarray(k, np.float64)).all()]
     if not idx:
@@ -110,8 +115,13 @@ def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarr
     R_e, c_e, R_k, c_k = E[:, :3, :3], E[:, :3, 3], K[:, :3, :3], K[:, :3, 3]
     n = len(idx)
     spread = float(np.sqrt(((c_k - c_k.mean(0)) ** 2).sum(1).mean())) if n > 1 else 0.0
-    L = max(spread, min_spread_m)
     estimate_scale = (not metric) and n >= 2 and spread >= min_spread_m
+    depth_k = 0.0
+    if scene_depth is not None and np.isfinite(scene_depth) and scene_depth > 0:
+        spread_e = float(np.sqrt(((c_e - c_e.mean(0)) ** 2).sum(1).mean())) if n > 1 else 0.0
+        s0 = spread / spread_e if estimate_scale and spread_e > 0 else 1.0  # estimate -> known units
+        depth_k = float(scene_depth) * s0
+    L = max(spread, depth_k, min_spread_m)
 
     # consensus on rotations: each view's hypothesis R = R_k R_e^T, scored by agreeing views
     hyp = np.einsum("nij,nkj->nik", R_k, R_e)
@@ -138,10 +148,22 @@ def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarr
                     centre_err_m=float(dc[keep].mean()) if keep.any() else 0.0)
 
 
+def _scene_depth(scene: AlignedScene) -> Optional[float]:
+    """Median distance of the scene's valid points (a strided sample) from their cameras."""
+    try:
+        pts = np.asarray(scene.pts3d)[:, ::8, ::8]
+        ok = scene.valid_mask()[:, ::8, ::8]
+        c = np.asarray(scene.poses, np.float64)[:, :3, 3]
+        d = np.linalg.norm(pts - c[:, None, None, :], axis=-1)[ok]
+        return float(np.median(d)) if d.size else None
+    except (AttributeError, ValueError, IndexError):
+        return None
+
+
 def express_in_world(scene: AlignedScene, known: Sequence[Optional[np.ndarray]]) -> WorldFit:
     """Move ``scene`` (points and poses, in place) into the frame of the known camera poses
     (see :func:`fit_world_transform`; ``scene.metric`` decides whether the scale may change)."""
-    fit = fit_world_transform(scene.poses, known, scene.metric)
+    fit = fit_world_transform(scene.poses, known, scene.metric, scene_depth=_scene_depth(scene))
     T = fit.matrix()
     scene.pts3d = transform_points(T, scene.pts3d.astype(np.float32)).astype(np.float32)
     scene.poses = apply_sim3_to_poses(fit.s, fit.R, fit.t, scene.poses)
