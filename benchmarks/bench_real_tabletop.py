@@ -133,6 +133,9 @@ def main():
     ap.add_argument("--keyframes", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pose-prior-weight", type=float, default=0.0,
+                    help="dga.pose_prior_weight: 0 (default) the given poses initialise the aligner and fix the "
+                         "world frame; 1e4 holds the cameras at the given (exact) poses")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="only the gt_geometry scene (no registration / DGA; fast)")
     args = ap.parse_args()
@@ -172,7 +175,8 @@ def main():
                    for i, f in enumerate(kf)]
             pipe = ReconstructionPipeline(PipelineConfig(backend="rgbd", segmenter="geometric",
                                                          iterations=args.iterations,
-                                                         use_pose_priors=True))
+                                                         use_pose_priors=True,
+                                                         pose_prior_weight=args.pose_prior_weight))
             segs["geometric"] = pipe.segmenter  # its per-view cache serves the mask cache
             t = time.perf_counter()
             scene, tim = pipe.run(kfs, frame_id="map")

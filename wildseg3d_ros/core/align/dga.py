@@ -198,7 +198,9 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
     # initialisation in the gauge of the known poses
     gen = torch.Generator(device="cpu").manual_seed(int(opts.seed))
     init = initialise(inp, W1, W2, pp, known_focal_mask, kf, gen, cancel)
-    init, norm_scale = apply_known_pose_gauge(init, kp, known_pose_mask)
+    # metric pointmaps (depth cameras) keep their scale: the known poses only place them
+    metric_input = bool(getattr(pairs, "metric", False))
+    init, norm_scale = apply_known_pose_gauge(init, kp, known_pose_mask, metric=metric_input)
     hard = n_known > 0 and not math.isfinite(opts.pose_prior_weight)
     log_scale_mean = 0.0
     if n_known >= 2 and not hard:

@@ -25,29 +25,35 @@ from .init import InitState, batched_umeyama
 __all__ = ["align_poses", "apply_known_pose_gauge", "output_gauge", "to_first_camera"]
 
 
-def align_poses(R_est, c_est, T_known):
+def align_poses(R_est, c_est, T_known, rigid: bool = False):
     """World similarity taking estimated cameras onto known ones: fit on the camera centres and
-    two points along each camera's x and z axes (at the scale of the camera spread)."""
+    two points along each camera's x and z axes (at the scale of the camera spread). ``rigid``
+    (metric pointmaps: depth cameras): scale 1, the axis points at the same distance on both
+    sides -- a scale from the centres of a short, noisy sweep would rescale metric depth."""
     c_k = T_known[:, :3, 3]
     R_k = T_known[:, :3, :3]
     L_e = float((c_est - c_est.mean(0)).norm(dim=-1).mean()) or 1.0
     L_k = float((c_k - c_k.mean(0)).norm(dim=-1).mean()) or 1.0
+    if rigid:
+        L_e = L_k = max(L_e, L_k)
     src = torch.cat([c_est, c_est + L_e * R_est[:, :, 0], c_est + L_e * R_est[:, :, 2]])
     dst = torch.cat([c_k, c_k + L_k * R_k[:, :, 0], c_k + L_k * R_k[:, :, 2]])
     s, R, t = batched_umeyama(src[None].double(), dst[None].double(),
-                              torch.ones(1, len(src), dtype=torch.float64, device=src.device))
+                              torch.ones(1, len(src), dtype=torch.float64, device=src.device),
+                              with_scale=not rigid)
     return s[0], R[0], t[0]
 
 
-def apply_known_pose_gauge(st: InitState, known_poses, known_mask) -> tuple:
+def apply_known_pose_gauge(st: InitState, known_poses, known_mask, metric: bool = False) -> tuple:
     """(state in the gauge of the known poses, norm_scale). known_poses: (V,4,4) numpy in
-    normalised units (NaN rows unknown) or None; known_mask (V,) bool."""
+    normalised units (NaN rows unknown) or None; known_mask (V,) bool; metric: the pointmaps
+    are metric (their scale is kept: a rigid gauge)."""
     cam_R, cam_c, e_s, e_R, e_t = st.cam_R, st.cam_c, st.e_s, st.e_R, st.e_t
     dev = cam_R.device
     n_known = int(np.sum(known_mask))
     if n_known >= 2:
         g_s, g_R, g_t = align_poses(cam_R[known_mask], cam_c[known_mask],
-                                    torch.as_tensor(known_poses[known_mask], device=dev))
+                                    torch.as_tensor(known_poses[known_mask], device=dev), rigid=metric)
         cam_R = g_R @ cam_R
         cam_c = g_s * cam_c @ g_R.T + g_t
         e_R = g_R @ e_R
