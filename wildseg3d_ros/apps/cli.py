@@ -13,7 +13,7 @@ def _demo(args) -> int:
     try:
         m = run_demo(out_dir=args.out, width=args.width, height=args.height, num_frames=args.frames,
                      seed=args.seed, target_rank=args.target, iterations=args.iterations,
-                     segmenter=args.segmenter, backend=args.backend,
+                     segmenter=args.segmenter, backend=args.backend, rate_hz=args.rate,
                      timeout_s=args.timeout if args.timeout else (110.0 if args.backend == "rgbd" else 300.0))
     except Exception as e:
         print(f"demo failed: {e}", file=sys.stderr)
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="scene seed")
     d.add_argument("--target", type=int, default=0, help="click the N-th largest object of keyframe 0")
     d.add_argument("--iterations", type=int, default=500, help="DGA iterations (paper: 500)")
+    d.add_argument("--rate", type=float, default=2.0,
+                   help="camera frames per second (default 2: each keyframe is prepared -- features, "
+                        "pre-segmentation -- before the next arrives, as with a real camera's keyframe spacing)")
     d.add_argument("--segmenter", default="auto", choices=segmenter_choices(),
                    help="mask-cache segmenter (default auto: geometric for rgbd, classical for sfm)")
     d.add_argument("--backend", default="rgbd", choices=("rgbd", "sfm"),

@@ -34,7 +34,8 @@ def _log(msg: str):
 
 def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num_frames: int = 5,
              seed: int = 0, target_rank: int = 0, iterations: int = 500, segmenter: str = "auto",
-             timeout_s: float = 110.0, refine_clicks: int = 0, backend: str = "rgbd") -> dict:
+             timeout_s: float = 110.0, refine_clicks: int = 0, backend: str = "rgbd",
+             rate_hz: float = 2.0) -> dict:
     import rclpy
     from geometry_msgs.msg import PointStamped
     from rclpy.executors import SingleThreadedExecutor
@@ -65,7 +66,7 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
         cam = CameraSimNode(parameter_overrides=[
             Parameter("width", value=width), Parameter("height", value=height),
             Parameter("num_frames", value=num_frames), Parameter("seed", value=seed),
-            Parameter("rate_hz", value=4.0), Parameter("start_delay_s", value=1.5),
+            Parameter("rate_hz", value=float(rate_hz)), Parameter("start_delay_s", value=1.5),
             Parameter("publish_odom", value=not rgb_only)])
         rec = ReconstructionNode(parameter_overrides=[
             Parameter("keyframes.reconstruct_at", value=num_frames),
