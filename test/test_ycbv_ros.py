@@ -41,14 +41,6 @@ pytestmark = [pytest.mark.ros,
               pytest.mark.skipif(not (SHARED / VIDEO).is_dir(), reason=f"real data absent ({SHARED / VIDEO})")]
 
 
-@pytest.fixture
-def ros():
-    rclpy.init()
-    yield
-    if rclpy.ok():
-        rclpy.shutdown()
-
-
 @pytest.mark.slow
 def test_ycbv_bag_replay_click_gives_the_real_object(ros, tmp_path):
     from rclpy.executors import MultiThreadedExecutor
