@@ -13,6 +13,7 @@ aligner; DUSt3R's ``inference()`` dict converts to and from it at the backend's 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +40,7 @@ class Keyframe:
     pose_prior: Optional[np.ndarray] = None
     frame_id: str = "camera"
     K_known: bool = True
+    _content_key: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def shape(self):
@@ -46,18 +48,19 @@ class Keyframe:
 
     def content_key(self) -> str:
         """A digest of what per-keyframe work depends on (image, depth, K): the key of the
-        caches that let work done when the keyframe was accepted be reused by a reconstruction."""
-        import hashlib
-
-        h = hashlib.blake2b(digest_size=16)
-        for a in (self.rgb, self.depth, self.K):
-            if a is None:
-                h.update(b"none")
-            else:
-                a = np.ascontiguousarray(a)
-                h.update(f"{a.dtype}{a.shape}".encode())
-                h.update(a.tobytes())
-        return h.hexdigest()
+        caches that let work done when the keyframe was accepted be reused by a reconstruction.
+        Computed once per keyframe (its arrays are not modified once it is buffered)."""
+        if self._content_key is None:
+            h = hashlib.blake2b(digest_size=16)
+            for a in (self.rgb, self.depth, self.K):
+                if a is None:
+                    h.update(b"none")
+                else:
+                    a = np.ascontiguousarray(a)
+                    h.update(f"{a.dtype}{a.shape}".encode())
+                    h.update(a.tobytes())
+            self._content_key = h.hexdigest()
+        return self._content_key
 
 
 @dataclass

@@ -53,10 +53,8 @@ class ReconstructionJobMixin:
                 if pipe is None or not self.params["keyframes.prepare_ahead"]:
                     continue
                 try:
-                    t0 = time.perf_counter()
                     if pipe.prepare(kf):
                         self.stats["keyframes_prepared"] += 1
-                        self.last_prepare_s = time.perf_counter() - t0
                 except Exception as e:  # the reconstruction does the work itself then
                     self.stats["keyframe_prepare_errors"] += 1
                     self.internal_error("keyframe preparation", e)

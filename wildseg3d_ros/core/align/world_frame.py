@@ -150,14 +150,11 @@ def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarr
 
 def _scene_depth(scene: AlignedScene) -> Optional[float]:
     """Median distance of the scene's valid points (a strided sample) from their cameras."""
-    try:
-        pts = np.asarray(scene.pts3d)[:, ::8, ::8]
-        ok = scene.valid_mask()[:, ::8, ::8]
-        c = np.asarray(scene.poses, np.float64)[:, :3, 3]
-        d = np.linalg.norm(pts - c[:, None, None, :], axis=-1)[ok]
-        return float(np.median(d)) if d.size else None
-    except (AttributeError, ValueError, IndexError):
-        return None
+    pts = np.asarray(scene.pts3d)[:, ::8, ::8]
+    ok = scene.valid_mask()[:, ::8, ::8]
+    c = np.asarray(scene.poses, np.float64)[:, :3, 3]
+    d = np.linalg.norm(pts - c[:, None, None, :], axis=-1)[ok]
+    return float(np.median(d)) if d.size else None
 
 
 def express_in_world(scene: AlignedScene, known: Sequence[Optional[np.ndarray]]) -> WorldFit:

@@ -52,17 +52,17 @@ class PointmapBackend(abc.ABC):
                       cancel: Optional[CancelFn] = None) -> PairwisePredictions:
         """Pairwise predictions for ``pairs`` of list positions (None: the backend's scene graph)."""
 
-    def _check_inputs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]],
-                      same_size: bool = True) -> Tuple[List[Keyframe], List[Pair]]:
+    def _check_inputs(self, keyframes: Sequence[Keyframe],
+                      pairs: Optional[Sequence[Pair]]) -> Tuple[List[Keyframe], List[Pair]]:
         """The keyframes as a list and the checked pairs (the backend's scene graph when None);
-        BackendError for fewer than 2 keyframes or, with ``same_size``, mixed image sizes."""
+        BackendError for fewer than 2 keyframes or mixed image sizes."""
         kfs = list(keyframes)
         n = len(kfs)
         if n < 2:
             raise BackendError(f"{self.name} backend: need at least 2 keyframes, got {n}")
         pairs = self._check_pairs(n, pairs if pairs is not None else self.make_pairs(n))
         shapes = {tuple(k.rgb.shape[:2]) for k in kfs}
-        if same_size and len(shapes) != 1:
+        if len(shapes) != 1:
             raise BackendError(f"{self.name} backend: keyframes have different image sizes {sorted(shapes)}; "
                                "resize them to one size first")
         return kfs, pairs
