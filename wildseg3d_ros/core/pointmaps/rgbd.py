@@ -51,6 +51,7 @@ from ..geometry import (backproject_depth, finite_points, invert_pose, pose_delt
 from ..types import Keyframe, PairwisePredictions
 from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
 from .base import Pair, PointmapBackend
+from .scene_graph import graph_components
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,20 +297,7 @@ class PairRegistration:
 
 def _connected(edges, nodes) -> bool:
     """True when the undirected graph (nodes, edges) is connected."""
-    nodes = set(nodes)
-    if not nodes:
-        return True
-    adj = {v: set() for v in nodes}
-    for a, b in edges:
-        adj[a].add(b)
-        adj[b].add(a)
-    start = next(iter(nodes))
-    seen, stack = {start}, [start]
-    while stack:
-        for w in adj[stack.pop()] - seen:
-            seen.add(w)
-            stack.append(w)
-    return seen == nodes
+    return len(graph_components(sorted(set(nodes)), list(edges))) <= 1
 
 
 class RgbdBackend(PointmapBackend):

@@ -1,4 +1,4 @@
-"""Scene graphs: which keyframe pairs a backend predicts.
+"""Scene graphs: which keyframe pairs a backend predicts (and the connectivity of a pair graph).
 
 Pairs are ``(i, j)`` tuples of list positions; :func:`make_pairs` builds the
 scene graphs that ``dust3r.image_pairs.make_pairs`` builds (same edge sets, same symmetrisation):
@@ -10,7 +10,11 @@ scene graphs that ``dust3r.image_pairs.make_pairs`` builds (same edge sets, same
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 Pair = Tuple[int, int]
 
@@ -76,3 +80,19 @@ def make_pairs(n: int, scene_graph: str = "complete", symmetrize: bool = True) -
     if symmetrize:
         edges = edges + [(j, i) for i, j in edges]
     return edges
+
+
+def graph_components(nodes: Sequence[int], edges: Sequence[Tuple[int, int]]) -> List[List[int]]:
+    """Connected components (largest first) of the undirected graph (nodes, edges)."""
+    nodes = list(nodes)
+    if not nodes:
+        return []
+    idx = {v: k for k, v in enumerate(nodes)}
+    r = np.array([idx[a] for a, _ in edges], np.int64)
+    c = np.array([idx[b] for _, b in edges], np.int64)
+    _, lab = connected_components(coo_matrix((np.ones(r.size), (r, c)), shape=(len(nodes),) * 2),
+                                  directed=False)
+    comp: Dict[int, List[int]] = {}
+    for v, k in zip(nodes, lab.tolist()):
+        comp.setdefault(k, []).append(v)
+    return sorted(comp.values(), key=lambda c: (-len(c), c[0]))

@@ -35,12 +35,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
+from scipy.sparse.csgraph import minimum_spanning_tree
 
 from ..geometry import finite_points, invert_pose, transform_points
 from ..types import Keyframe, PairwisePredictions
 from ..errors import BackendError, CancelFn, ProgressFn, check_cancel, report
 from .base import Pair, PointmapBackend
+from .scene_graph import graph_components
 from .colmap_sfm import SfmOptions, SfmResult, run_sfm
 from .stereo import StereoError, StereoOptions, pair_pointmaps
 
@@ -61,22 +62,6 @@ def _resize_keyframe(rgb: np.ndarray, K: np.ndarray, max_size: int) -> Tuple[np.
     K2[0, 2] = (K2[0, 2] + 0.5) * sx - 0.5
     K2[1, 2] = (K2[1, 2] + 0.5) * sy - 0.5
     return cv2.resize(np.ascontiguousarray(rgb[..., :3]), (nw, nh), interpolation=cv2.INTER_AREA), K2
-
-
-def _components(nodes: Sequence[int], edges: Sequence[Tuple[int, int]]) -> List[List[int]]:
-    """Connected components (largest first) of the undirected graph (nodes, edges)."""
-    nodes = list(nodes)
-    if not nodes:
-        return []
-    idx = {v: k for k, v in enumerate(nodes)}
-    r = np.array([idx[a] for a, _ in edges], np.int64)
-    c = np.array([idx[b] for _, b in edges], np.int64)
-    _, lab = connected_components(coo_matrix((np.ones(r.size), (r, c)), shape=(len(nodes),) * 2),
-                                  directed=False)
-    comp: Dict[int, List[int]] = {}
-    for v, k in zip(nodes, lab.tolist()):
-        comp.setdefault(k, []).append(v)
-    return sorted(comp.values(), key=lambda c: (-len(c), c[0]))
 
 
 def _max_spanning_forest(weights: Dict[Tuple[int, int], float]) -> set:
@@ -285,7 +270,7 @@ class SfmBackend(PointmapBackend):
         # a view left without a pair, or a pair graph in pieces (stereo refuses some geometries):
         # the next-best pairs the per-view limit had set aside, where they help
         for e in list(self._spare):
-            comps = _components(reg, list(results))
+            comps = graph_components(reg, list(results))
             if len(comps) == 1:
                 break
             comp_of = {v: k for k, cc in enumerate(comps) for v in cc}
@@ -300,7 +285,7 @@ class SfmBackend(PointmapBackend):
                 why = [m for e, m in failed.items() if v in e]
                 dropped[v] = ("registered, but in no usable stereo pair"
                               + (f" ({'; '.join(why[:3])})" if why else " (the scene graph pairs it with no registered view)"))
-        comps = _components(in_pair, list(results))
+        comps = graph_components(in_pair, list(results))
         if not comps or len(comps[0]) < 2:
             raise BackendError("sfm backend: no stereo pair could be built between the registered keyframes: "
                                + ("; ".join(list(failed.values())[:6]) or "no pairs") + "; the views may not overlap, "
