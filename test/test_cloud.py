@@ -293,3 +293,26 @@ def test_object_cloud_round_trip_property(n, seed):
     back = cloud_from_bytes(cloud_to_bytes(arr), lay.fields, 16, lay.height, lay.width)
     assert cloud_to_bytes(back) == cloud_to_bytes(arr)
     np.testing.assert_array_equal(unpack_rgb(back["rgb"].ravel()), col)
+
+
+def test_unpack_fast_paths_match_the_per_field_reference():
+    """x, y, z adjacent float32 and a little-endian packed colour are read with one strided copy
+    each; other layouts (reordered xyz, big-endian arrays) take the per-field path: same values."""
+    a, _ = _pcl_like_cloud(12)
+    ref = {"pts3d": np.stack([a[c].astype(np.float32) for c in "xyz"], -1).reshape(2, 2, 3, 3),
+           "rgb": unpack_rgb(a["rgb"].view(np.float32)).reshape(2, 2, 3, 3)}
+    for arr in (a, a.astype(a.dtype.newbyteorder(">"))):
+        out = unpack_scene_cloud(arr.reshape(4, 3), 4, 3, 2, keyframe=False)
+        assert "keyframe" not in out
+        np.testing.assert_array_equal(out["pts3d"], ref["pts3d"])
+        np.testing.assert_array_equal(out["rgb"], ref["rgb"])
+    # z, y, x stored in that order: not one strided block
+    dt = np.dtype({"names": ["z", "y", "x", "rgb"], "formats": ["<f4", "<f4", "<f4", "<u4"],
+                   "offsets": [0, 4, 8, 12], "itemsize": 16})
+    b = np.zeros(12, dt)
+    for c in "xyz":
+        b[c] = a[c]
+    b["rgb"] = a["rgb"]
+    out = unpack_scene_cloud(b.reshape(4, 3), 4, 3, 2)
+    np.testing.assert_array_equal(out["pts3d"], ref["pts3d"])
+    np.testing.assert_array_equal(out["rgb"], ref["rgb"])

@@ -89,3 +89,29 @@ def test_resect_pinhole_recovers_camera():
     assert np.allclose(T2, T, atol=1e-3)
     with pytest.raises(ValueError):
         g.resect_pinhole(np.full((4, 4, 3), np.nan))
+
+
+def test_resect_pinhole_views_batches_and_names_the_failing_view():
+    """One batched DLT for every keyframe of a scene cloud: each view's camera recovered (with
+    different intrinsics, poses and invalid pixels per view); a view without enough valid pixels
+    is named in the error."""
+    rng = np.random.default_rng(7)
+    Ks, Ts, pts, valid = [], [], [], []
+    for i in range(4):
+        K = np.array([[300.0 + 40 * i, 0, 90 + i], [0, 310.0 + 30 * i, 70 - i], [0, 0, 1]])
+        T = g.look_at([1.0 + 0.3 * i, -0.8, 1.1], [0, 0, 0.5 + 0.1 * i])
+        depth = (1.0 + rng.random((120, 160)) * 2).astype(np.float32)
+        w = g.depth_to_world(depth, K, T).astype(np.float32)
+        ok = rng.random((120, 160)) > 0.3 * i
+        w[~ok] = np.nan
+        Ks.append(K), Ts.append(T), pts.append(w), valid.append(ok)
+    K2, T2 = g.resect_pinhole_views(np.stack(pts), np.stack(valid))
+    for i in range(4):
+        assert np.allclose(K2[i], Ks[i], atol=2e-3 * Ks[i][0, 0]), i
+        assert np.allclose(T2[i], Ts[i], atol=1e-3), i
+        K1, T1 = g.resect_pinhole(pts[i], valid[i])
+        assert np.allclose(K1, K2[i], atol=2e-3 * Ks[i][0, 0]) and np.allclose(T1, T2[i], atol=1e-3)
+    pts[2][:] = np.nan
+    with pytest.raises(g.ResectionError, match="at least 12 valid pixels") as e:
+        g.resect_pinhole_views(np.stack(pts))
+    assert e.value.view == 2

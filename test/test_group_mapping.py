@@ -180,3 +180,65 @@ def test_prompt_latency(classical):
         gm.segment([gm.object_at_point(p)])
         t.append(time.perf_counter() - t0)
     assert np.median(t) < 0.010, np.median(t)
+
+
+def _kdtree_reference(gm, stride):
+    """The brute-force answer the window search must reproduce: a KD-tree over the valid points of
+    the ``stride`` pixel grid (as GroupMapper had before); query(p, max_dist, k) -> the points
+    within max_dist of p by distance, with their labels."""
+    from scipy.spatial import cKDTree
+    sub = np.zeros(gm.valid.shape, bool)
+    sub[:, ::stride, ::stride] = True
+    sub &= gm.valid
+    tree, labels = cKDTree(gm.scene.pts3d[sub].astype(np.float64)), gm.labels[sub]
+
+    def query(p, max_dist, k):
+        d, i = tree.query(p, k=k, distance_upper_bound=max_dist)
+        d, i = np.atleast_1d(d), np.atleast_1d(i)
+        ok = np.isfinite(d)
+        return d[ok], labels[i[ok]]
+    return query
+
+
+def test_window_search_equals_a_kdtree_over_the_same_points(classical):
+    """object_at_point / nearest_distance search each view in a window around the prompt's
+    projection instead of a KD-tree: same neighbours as a KD-tree over the same points, for
+    prompts on surfaces, beside them, in free space, near a camera and behind all cameras."""
+    s, sc, valid, gm = classical
+    rng = np.random.default_rng(3)
+    v, r, c = np.nonzero(valid)
+    pick = rng.choice(v.size, 60, replace=False)
+    surf = sc.pts3d[v[pick], r[pick], c[pick]].astype(np.float64)
+    cams = sc.poses[:, :3, 3]
+    queries = np.concatenate([surf, surf + rng.normal(0, 0.02, surf.shape),
+                              cams + 0.05 * sc.poses[:, :3, 2],   # 5 cm in front of each camera
+                              cams - 0.5 * sc.poses[:, :3, 2]])   # behind each camera
+    grid, every = _kdtree_reference(gm, gm.kd_stride), _kdtree_reference(gm, 1)
+    for q in queries:
+        for md in (gm.default_max_dist, 0.05):
+            d_ref, lab_ref = grid(q, md, gm.knn)
+            d, lab = gm._neighbours(q, md, gm.kd_stride)
+            np.testing.assert_allclose(d[:gm.knn], d_ref, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(lab[:gm.knn][np.argsort(d[:gm.knn], kind="stable")],
+                                          lab_ref[np.argsort(d_ref, kind="stable")])
+        d1, _ = every(q, 0.05, 1)
+        assert gm.nearest_distance(q, 0.05) == pytest.approx(d1[0] if d1.size else np.inf, rel=1e-6)
+
+
+def test_objects_are_computed_on_first_use_and_warm_gives_the_same_segments(classical):
+    """A new GroupMapper computes no object segment until one is asked for (so a scene is ready
+    at once); a lazily computed segment equals the one warm() computes ahead."""
+    s, sc, valid, gm0 = classical
+    lazy, ahead = GroupMapper(sc), GroupMapper(sc)
+    assert lazy.pending_objects() == sorted(lazy.object_ids(), key=lambda i: -lazy._raw[i].size)
+    assert ahead.warm(2) == len(ahead.object_ids()) - 2
+    assert ahead.warm() == 0 and ahead.pending_objects() == []
+    ids = lazy.object_ids()
+    neg = ids[1]
+    for i in ids[::2]:
+        a, b = lazy.segment([i], negative_ids=[neg]), ahead.segment([i], negative_ids=[neg])
+        np.testing.assert_array_equal(a.points, b.points)
+        np.testing.assert_array_equal(a.pixel_masks, b.pixel_masks)
+    assert set(lazy.pending_objects()) == set(ids) - set(ids[::2])  # a negative needs only its voxels
+    np.testing.assert_array_equal(lazy.kept, ahead.kept)
+    assert lazy.pending_objects() == []

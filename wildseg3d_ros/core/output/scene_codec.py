@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cloud as corecloud
-from ..geometry import finite_points, resect_pinhole
+from ..geometry import ResectionError, finite_points, resect_pinhole_views
 from ..mask_cache import object_table
 from ..types import AlignedScene, MaskCache
 
@@ -35,19 +35,15 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
     if not np.array_equal(rows_kf, expect) or not (arr["keyframe"] == rows_kf[:, None]).all():
         raise SceneDecodeError("scene cloud 'keyframe' field is inconsistent with its row blocks "
                                "(keyframe v must fill rows v*H .. v*H+H-1)")
-    d = corecloud.unpack_scene_cloud(arr, height, width, V)
+    d = corecloud.unpack_scene_cloud(arr, height, width, V, keyframe=False)
     pts, conf = d["pts3d"], d["conf"]
     valid = finite_points(pts) & (conf > 0)
-    Ks, poses = [], []
-    for v in range(V):
-        try:
-            K, T = resect_pinhole(pts[v], valid[v])
-        except ValueError as e:
-            raise SceneDecodeError(f"keyframe {v}: cannot recover its camera from the cloud ({e})") from None
-        Ks.append(K)
-        poses.append(T)
+    try:
+        Ks, poses = resect_pinhole_views(pts, valid)
+    except ResectionError as e:
+        raise SceneDecodeError(f"keyframe {e.view}: cannot recover its camera from the cloud ({e})") from None
     labels = d["label"]
     objects = object_table(labels)
     mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects)
-    return AlignedScene(pts3d=pts, conf=conf, poses=np.stack(poses), K=np.stack(Ks), rgb=d["rgb"],
+    return AlignedScene(pts3d=pts, conf=conf, poses=poses, K=Ks, rgb=d["rgb"],
                         mask_cache=mc, frame_id=frame_id)

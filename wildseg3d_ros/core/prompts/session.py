@@ -24,6 +24,7 @@ state is left unchanged.  The session is thread-safe (one lock).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -204,15 +205,24 @@ class InteractiveSession:
         # the mapper's validity when it was built on this very scene (the same arrays): computed once
         same = getattr(mapper, "scene", None) is scene and getattr(mapper, "valid", None) is not None
         self._valid = mapper.valid if same else scene.valid_mask()
-        self._pts = np.where(self._valid[..., None], scene.pts3d, np.nan).astype(np.float32, copy=False)
-        # per coordinate (a reduction over the length-3 axis of all points is ~5x slower)
-        self._origin = (np.array([np.nanmin(self._pts[..., k]) for k in range(3)], np.float64)
-                        if self._valid.any() else np.zeros(3))
         self._keys_cache: Tuple[Optional[float], Optional[np.ndarray]] = (None, None)
         self._lock = threading.RLock()
         self._selections: List[Selection] = []
         self._current: Optional[Selection] = None
         self._next_label = 1
+
+    @functools.cached_property
+    def _pts(self) -> np.ndarray:
+        """(V,H,W,3) float32 world points, NaN where invalid (built on the first refinement: a
+        click answered from the mask cache never needs it)."""
+        return np.where(self._valid[..., None], self.scene.pts3d, np.nan).astype(np.float32, copy=False)
+
+    @functools.cached_property
+    def _origin(self) -> np.ndarray:
+        """Voxel-grid origin of the propagation keys: the scene's minimum corner."""
+        # per coordinate (a reduction over the length-3 axis of all points is ~5x slower)
+        return (np.array([np.nanmin(self._pts[..., k]) for k in range(3)], np.float64)
+                if self._valid.any() else np.zeros(3))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -294,7 +304,7 @@ class InteractiveSession:
         d = (rr - v) ** 2 + (cc - u) ** 2
         d = np.where(ok, d, np.inf)
         i = np.unravel_index(np.argmin(d), d.shape)
-        return self._pts[view][rr[i], cc[i]].astype(np.float64)
+        return self.scene.pts3d[view][rr[i], cc[i]].astype(np.float64)
 
     def _project(self, p: np.ndarray):
         """p (3,) -> uv (V,2), z (V,), visible (V,) bool, score (V,) (lower = better)."""
@@ -312,8 +322,8 @@ class InteractiveSession:
         inside = (z > 0) & (u >= -0.5) & (u <= W - 0.5) & (v >= -0.5) & (v <= H - 0.5)
         ci = np.clip(np.round(u), 0, W - 1).astype(np.int64)
         ri = np.clip(np.round(v), 0, H - 1).astype(np.int64)
-        q = self._pts[np.arange(V), ri, ci].astype(np.float64)
         ok = inside & self._valid[np.arange(V), ri, ci]
+        q = np.where(ok[:, None], sc.pts3d[np.arange(V), ri, ci], np.nan).astype(np.float64)
         d = np.linalg.norm(np.nan_to_num(q - p[None], nan=np.inf), axis=1)
         tol = self.visibility_tol * np.abs(z) + 2.0 * np.abs(z) / np.maximum(sc.K[:, 0, 0], 1e-9)
         visible = ok & (d <= tol)
