@@ -59,14 +59,13 @@ class PromptHandlerMixin:
     def _near_scene(self, p: np.ndarray):
         """Refuse a 3D click farther than prompt.max_distance_m from every scene point."""
         mapper = getattr(self.session, "mapper", None)
-        tree = getattr(mapper, "tree", None)
-        if tree is None:
+        if mapper is None:
             return
-        d, _ = tree.query(p, k=1)
         md = self.params["prompt.max_distance_m"]
-        if not np.isfinite(d) or d > md + float(getattr(mapper, "voxel", 0.0)):  # KD-tree is a subsample
-            raise ValueError(f"3D prompt ({p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}) is {d:.3f} m from the nearest scene "
-                             f"point, farther than prompt.max_distance_m={md:g}: nothing selected")
+        d = mapper.nearest_distance(p, md)
+        if not np.isfinite(d):
+            raise ValueError(f"3D prompt ({p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}) is farther than "
+                             f"prompt.max_distance_m={md:g} from every scene point: nothing selected")
 
     def _recent_clicks(self, t_scene: float, scene_msg):
         """3D clicks meant for a new scene that reached this node before it: stamped at or after the

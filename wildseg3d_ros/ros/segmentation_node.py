@@ -42,6 +42,7 @@ A scene message identical to the current one (a republish) keeps the current sel
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -62,7 +63,7 @@ from .object_output import ObjectOutput
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
 from .prompt_handler import PromptHandlerMixin
 from .prompt_persistence import PromptPersistenceMixin
-from .scene_input import SceneMessageError, check_scene_fields, decode_scene, scene_identity
+from .scene_input import SceneMessageError, decode_scene, scene_identity
 from .throttled_log import ThrottledLogger
 
 PARAMS = [
@@ -114,6 +115,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._held: List[tuple] = []  # prompt items waiting for a scene
         self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
+        self._warm_left = 0  # objects of the current scene not computed yet (GroupMapper.warm)
+        self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
         self.last_error = ""
@@ -169,13 +172,16 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     # ------------------------------------------------------------------ worker
     def _work_loop(self):
         while not self._stop.is_set():
+            warming = self.session is not None and self._warm_left > 0
             try:
-                item = self._q.get(timeout=0.05 if self._held else 0.2)
+                item = self._q.get_nowait() if warming else self._q.get(timeout=0.05 if self._held else 0.2)
             except queue.Empty:
                 item = None
             try:
                 if item is not None:
                     self._dispatch(item)
+                elif warming:  # idle: one more object of the new scene, so that no click pays for it
+                    self._warm_left = self.session.mapper.warm(1)
                 self._expire_held()
                 if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
                     self.out.publish([], self._frame())
@@ -214,6 +220,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         from ..core.prompts.session import InteractiveSession
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
                              min_agree_frac=self.params["mgm.min_consistency"])
+        self._warm_left = len(mapper.pending_objects())  # computed while idle (work loop)
         return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
                                   max_click_dist=self.params["prompt.max_distance_m"])
 
@@ -225,15 +232,17 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self.out.publish([], self._frame())
             self.get_logger().info("empty scene received (reconstruction reset): selection cleared")
             return
-        sid = scene_identity(msg)
+        # the identity (a BLAKE2 hash of ~30 MB) is computed on another thread while the message is
+        # decoded: hashlib releases the GIL, so on two cores it costs the preparation nothing
+        sid_future = self._id_pool.submit(scene_identity, msg)
         try:
-            scene = None if sid == self.scene_id and self.session is not None and check_scene_fields(msg) is None \
-                else decode_scene(msg)
+            scene = decode_scene(msg)
         except SceneMessageError as e:
             self._refuse("bad_scene", "bad_scene", f"scene message refused ({e}); the previous scene "
                          "and selection are kept", "error")
             return
-        if scene is None:  # the current scene again (e.g. republished after a restart)
+        sid = sid_future.result()
+        if sid == self.scene_id and self.session is not None:  # the current scene again (e.g. republished after a restart)
             self.stats["scene_republished"] += 1
             self.scene_stamp = msg.header.stamp
             self.get_logger().info("the same scene was received again (republished): selection kept")
@@ -337,6 +346,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._stop.set()
         if self._worker.is_alive() and threading.current_thread() is not self._worker:
             self._worker.join(timeout=2.0)  # no publish on a destroyed publisher
+        self._id_pool.shutdown(wait=False)
         return super().destroy_node()
 
 
