@@ -4,7 +4,7 @@ through the whole pipeline, the published camera poses equal exact given poses."
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.align.world_frame import express_in_world, fit_world_transform
+from wildseg3d_ros.core.align.world_frame import express_in_world, fit_world_transform, inconsistent_poses
 from wildseg3d_ros.core.config import PipelineConfig
 from wildseg3d_ros.core.geometry import apply_sim3_to_poses, look_at, pose_delta, rotation_from_rotvec
 from wildseg3d_ros.core.pipeline import ReconstructionPipeline
@@ -90,6 +90,23 @@ def test_noisy_and_outlier_poses(kind):
         rot, cen = _errors(np.delete(out, outl, 0), np.delete(world, outl, 0))
         assert rot < 0.2 and cen < 0.004, (rot, cen)
         assert set(outl) <= set(fit.outliers)
+
+
+def test_inconsistent_poses_against_rough_estimates():
+    """The aligner's initial cameras are ~1-2 deg / 1 cm off: a known pose 20 deg or 30 cm away
+    is flagged, the others are not; with only two known poses nothing can be flagged."""
+    rng = np.random.default_rng(3)
+    world = _trajectory("arc", n=6, rng=rng)
+    rough = world.copy()
+    for i in range(len(rough)):
+        rough[i, :3, :3] = rotation_from_rotvec(rng.normal(size=3) * np.deg2rad(1.5) / np.sqrt(3)) @ rough[i, :3, :3]
+        rough[i, :3, 3] += rng.normal(size=3) * 0.01
+    known = world.copy()
+    assert inconsistent_poses(rough, list(known), metric=True) == []
+    known[1, :3, :3] = rotation_from_rotvec([0.0, np.deg2rad(20), 0.0]) @ known[1, :3, :3]
+    known[4, :3, 3] += [0.0, 0.3, 0.0]
+    assert inconsistent_poses(rough, list(known), metric=True) == [1, 4]
+    assert inconsistent_poses(rough[:2], list(known[:2]), metric=True) == []
 
 
 def test_express_in_world_moves_points_with_poses():

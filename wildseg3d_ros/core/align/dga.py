@@ -28,6 +28,7 @@ import torch
 
 from ..types import AlignedScene
 from .depths import solve_full_resolution, stack_views
+from .world_frame import inconsistent_poses
 from .gauge import apply_known_pose_gauge, output_gauge, to_first_camera
 from .init import initialise
 from .inputs import as_tensor_list, parse_known, prepare_inputs
@@ -200,6 +201,20 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
     init = initialise(inp, W1, W2, pp, known_focal_mask, kf, gen, cancel)
     # metric pointmaps (depth cameras) keep their scale: the known poses only place them
     metric_input = bool(getattr(pairs, "metric", False))
+    released = []
+    if n_known >= 3 and opts.pose_prior_weight > 0:
+        # poses the aligner is tied to must agree with the pairwise geometry: a known pose the
+        # world-frame consensus rejects against the initial cameras (a TF glitch, a wrong line in
+        # a pose file) is released (solved freely) instead of dragging its view out of place
+        est = np.tile(np.eye(4), (V, 1, 1))
+        est[:, :3, :3] = init.cam_R.double().cpu().numpy()
+        est[:, :3, 3] = init.cam_c.double().cpu().numpy()
+        released = inconsistent_poses(est, [kp[v] if known_pose_mask[v] else None for v in range(V)],
+                                      metric=metric_input, scene_depth=1.0)  # normalised units: median depth 1
+        if released:
+            known_pose_mask[released] = False
+            kp[released] = np.nan
+            n_known = int(known_pose_mask.sum())
     init, norm_scale = apply_known_pose_gauge(init, kp, known_pose_mask, metric=metric_input)
     hard = n_known > 0 and not math.isfinite(opts.pose_prior_weight)
     log_scale_mean = 0.0
@@ -257,4 +272,5 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
         conf=stack_views([c_.cpu().numpy().astype(np.float32) for c_ in conf_out]),
         poses=poses, K=Ks, rgb=stack_views(rgb),
         weights=stack_views([w_.cpu().numpy().astype(np.float32) for w_ in w_out]),
-        loss=float(final_loss), loss_history=res.history, metric=n_known >= 2)
+        loss=float(final_loss), loss_history=res.history, metric=n_known >= 2,
+        info={"released_poses": released} if released else {})

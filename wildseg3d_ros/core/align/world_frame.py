@@ -148,6 +148,30 @@ def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarr
                     centre_err_m=float(dc[keep].mean()) if keep.any() else 0.0)
 
 
+def inconsistent_poses(est_poses: np.ndarray, known: Sequence[Optional[np.ndarray]], metric: bool,
+                       max_rot_deg: float = 5.0, max_centre_frac: float = 0.1,
+                       scene_depth: Optional[float] = None) -> List[int]:
+    """Views whose known pose disagrees with the estimated cameras beyond what an estimate's
+    noise explains: after the robust fit (:func:`fit_world_transform`), a rotation residual above
+    ``max_rot_deg`` or a centre residual above ``max_centre_frac`` of ``L = max(spread of the
+    known centres, scene_depth)`` (a short sweep's centres are closer together than the
+    estimate's centre noise; the scene depth, in the known poses' units, sets the scale then).
+    Meant for rough estimates (e.g. the aligner's initial cameras, ~1 deg), where the fit's own
+    outlier test (10 x the inliers' spread) lets a wrong pose in with a small weight."""
+    fit = fit_world_transform(est_poses, known, metric, scene_depth=scene_depth)
+    idx = [i for i, k in enumerate(known) if k is not None and np.isfinite(np.asarray(k, np.float64)).all()]
+    if len(idx) < 3:  # with two poses neither can be told to be the wrong one
+        return []
+    est = np.asarray(est_poses, np.float64)[idx]
+    K = np.stack([np.asarray(known[i], np.float64) for i in idx])
+    c_k = K[:, :3, 3]
+    spread = float(np.sqrt(((c_k - c_k.mean(0)) ** 2).sum(1).mean()))
+    L = max(spread, float(scene_depth) if scene_depth is not None and np.isfinite(scene_depth) else 0.0, 1e-9)
+    ang, dc, _ = _residuals(fit.s, fit.R, fit.t, est[:, :3, :3], est[:, :3, 3], K[:, :3, :3], c_k, L)
+    bad = (np.rad2deg(ang) > max_rot_deg) | (dc > max_centre_frac * L)
+    return sorted(set(fit.outliers) | {idx[k] for k in np.flatnonzero(bad)})
+
+
 def _scene_depth(scene: AlignedScene) -> Optional[float]:
     """Median distance of the scene's valid points (a strided sample) from their cameras."""
     pts = np.asarray(scene.pts3d)[:, ::8, ::8]
