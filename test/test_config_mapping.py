@@ -71,3 +71,14 @@ def test_flat_defaults_equal_dataclass_defaults_and_checks():
     assert "at least 2" in check_flat({"keyframes.reconstruct_at": 1})
     assert "keyframe policy refused" in check_flat({"keyframes.min_flow_px": -1.0})
     assert check_flat({"keyframes.reconstruct_at": 5, "keyframes.max_keyframes": 8}) is None
+
+
+def test_exact_poses_flag_holds_the_cameras():
+    """`--exact-poses` sets dga.pose_prior_weight to the holding weight; `--param` still wins."""
+    from wildseg3d_ros.apps.offline import EXACT_POSE_WEIGHT
+    base = ["segment", "--input", "x", "--out", "y"]
+    p = build_parser()
+    assert PipelineConfig.from_flat(flat_params(p.parse_args(base))).pose_prior_weight == 0.0
+    assert PipelineConfig.from_flat(flat_params(p.parse_args(base + ["--exact-poses"]))).pose_prior_weight == EXACT_POSE_WEIGHT
+    both = p.parse_args(base + ["--exact-poses", "--param", "dga.pose_prior_weight=5"])
+    assert PipelineConfig.from_flat(flat_params(both)).pose_prior_weight == 5.0

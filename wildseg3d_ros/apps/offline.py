@@ -430,6 +430,9 @@ def _param_value(text: str):
     return name.strip(), v
 
 
+EXACT_POSE_WEIGHT = 1e4  # dga.pose_prior_weight of --exact-poses: holds the cameras (test_dga_align)
+
+
 def flat_params(args) -> dict:
     """The CLI's options under the flat parameter names of the nodes and the YAML files
     (:mod:`wildseg3d_ros.core.config`); ``--param NAME=VALUE`` sets any of them directly."""
@@ -443,6 +446,7 @@ def flat_params(args) -> dict:
         "sfm.max_image_size": args.sfm_max_size,
         "sam2.checkpoint": args.sam2_checkpoint or "", "sam2.points_per_side": args.points_per_side,
         "use_pose_priors": not args.ignore_poses,
+        **({"dga.pose_prior_weight": EXACT_POSE_WEIGHT} if getattr(args, "exact_poses", False) else {}),
         "keyframes.min_interval_s": args.min_interval, "keyframes.min_translation_m": args.min_translation,
         "keyframes.min_rotation_deg": args.min_rotation, "keyframes.min_flow_px": args.min_flow,
         "keyframes.min_sharpness": args.min_sharpness, "keyframes.max_keyframes": max(2, args.max_frames),
@@ -512,6 +516,11 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--pose-tolerance", type=float, default=0.1,
                    help="bag: max |t_colour - t_pose| (s) to use a pose (default 0.1)")
     g.add_argument("--ignore-poses", action="store_true", help="do not use poses even when available")
+    g.add_argument("--exact-poses", action="store_true",
+                   help="the given poses are exact (ground truth, motion capture, a bundle-adjusted "
+                        "trajectory): the cameras are held at them (dga.pose_prior_weight=1e4), a pose "
+                        "that disagrees with the images' geometry is released; without it poses only "
+                        "initialise the aligner and place the result in their frame (odometry)")
     k = s.add_argument_group("keyframes")
     k.add_argument("--every", type=int, default=1, metavar="K",
                    help="keep one input frame in K before selection (videos, long bags; default 1)")
