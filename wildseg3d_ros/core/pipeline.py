@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -43,12 +43,17 @@ class ReconstructionPipeline:
         self._lock = threading.RLock()
         self._masks: "OrderedDict[str, np.ndarray]" = OrderedDict()  # keyframe content -> local masks
         self.mask_cache_size = 16
+        # the keyframes prepared last, in order: the partners of the next one's pairs
+        self._accepted: List[Keyframe] = []
+        self.accepted_window = 8
 
     def prepare(self, kf: Keyframe) -> bool:
         """Per-keyframe work ahead of :meth:`run`, e.g. when the keyframe is accepted: the
         backend's per-keyframe features and, when the keyframe's pointmap is known before pairing
-        (depth cameras: ``backend.pointmaps_per_keyframe``), its pre-segmentation. Cached by content,
-        so the reconstruction that includes this keyframe skips that work. Returns True when the
+        (depth cameras: ``backend.pointmaps_per_keyframe``), its pre-segmentation and its pairs with
+        the keyframes prepared before it (``backend.prepare_pairs``, the partners the scene graph
+        gives over the last ``accepted_window`` prepared keyframes). Cached by content, so the
+        reconstruction that includes this keyframe skips that work. Returns True when the
         keyframe's masks are now prepared. Waits while a reconstruction runs."""
         with self._lock:
             key = kf.content_key()
@@ -59,7 +64,19 @@ class ReconstructionPipeline:
                 return False  # the geometry comes from pairing (networks, stereo): segmented in run()
             pts, valid = cam if self._presegment_geometry else (None, None)
             self._remember_masks(key, self.segmenter.automatic_masks(kf.rgb, pts, valid))
+            self._prepare_pairs(kf)
             return True
+
+    def _prepare_pairs(self, kf: Keyframe) -> None:
+        """The pairs of ``kf`` with the keyframes prepared before it that the scene graph will
+        ask for (all of them for ``complete``, the last k for ``swin-k``), computed now."""
+        from .pointmaps.scene_graph import partners_of_next
+
+        prev = [k for k in self._accepted if k.content_key() != kf.content_key()]
+        partners = [prev[i] for i in partners_of_next(len(prev), self.cfg.scene_graph)]
+        self._accepted = (prev + [kf])[-self.accepted_window:]
+        if partners:
+            self.backend.prepare_pairs(kf, partners)
 
     def _remember_masks(self, key: str, labels: np.ndarray) -> None:
         self._masks[key] = labels
@@ -161,6 +178,8 @@ class ReconstructionPipeline:
         # odometry; poses from the backend carry its own (arbitrary) scale
         scene.metric = preds.metric if preds.known_poses is not None else (scene.metric or preds.metric)
         scene.info["kept_views"] = kept
+        if scene.info.get("released_poses"):  # known poses the aligner found inconsistent (keyframe indices)
+            scene.info["released_poses"] = [kept[v] for v in scene.info["released_poses"]]
         scene.info["views_presegmented_ahead"] = n_prepared
         scene.info["dropped_views"] = dropped
         fit = express_in_world(scene, [kf.pose_prior for kf in kfs])

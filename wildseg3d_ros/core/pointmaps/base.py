@@ -46,6 +46,13 @@ class PointmapBackend(abc.ABC):
         cameras), else None. The default does nothing."""
         return None
 
+    def prepare_pairs(self, keyframe: Keyframe, partners: Sequence[Keyframe]) -> int:
+        """Pairwise work between ``keyframe`` and earlier keyframes it will be paired with, done
+        ahead of :meth:`predict_pairs` (when the keyframe is accepted) and cached by the pair's
+        content: pair ``(partner, keyframe)`` in that order. Returns how many pairs were computed.
+        The default (backends whose pairs are one batched network pass) does nothing."""
+        return 0
+
     @abc.abstractmethod
     def predict_pairs(self, keyframes: Sequence[Keyframe], pairs: Optional[Sequence[Pair]] = None,
                       progress: Optional[ProgressFn] = None,

@@ -36,6 +36,8 @@ The prediction for edge ``(i, j)`` (:class:`~wildseg3d_ros.core.types.PairwisePr
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import threading
 import time
@@ -295,6 +297,13 @@ class PairRegistration:
     message: str = ""
 
 
+def _pair_prior(a: Keyframe, b: Keyframe) -> Optional[np.ndarray]:
+    """Pose of keyframe b's camera in keyframe a's from their pose priors (None without both)."""
+    if a.pose_prior is None or b.pose_prior is None:
+        return None
+    return invert_pose(np.asarray(a.pose_prior, np.float64)) @ np.asarray(b.pose_prior, np.float64)
+
+
 def _connected(edges, nodes) -> bool:
     """True when the undirected graph (nodes, edges) is connected."""
     return len(graph_components(sorted(set(nodes)), list(edges))) <= 1
@@ -368,11 +377,45 @@ class RgbdBackend(PointmapBackend):
         self.frame_cache_size = 12
         self._frames: "OrderedDict[str, _Frame]" = OrderedDict()
         self._frames_lock = threading.Lock()
+        #: registrations done ahead (prepare_pairs) by (key_i, key_j, prior): (PairRegistration | None, error)
+        self.pair_cache_size = 64
+        self._pairs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
     # -- per keyframe ------------------------------------------------------------------------
     def prepare(self, keyframe: Keyframe):
         fr = self._frame(keyframe)
         return fr.pts, (fr.conf > 0) & finite_points(fr.pts)
+
+    def prepare_pairs(self, keyframe: Keyframe, partners: Sequence[Keyframe]) -> int:
+        """Register ``keyframe`` to each earlier partner now (pair (partner, keyframe), as
+        predict_pairs orders them), cached by content and prior, so a reconstruction that has
+        these pairs only looks them up."""
+        done = 0
+        fr = self._frame(keyframe)
+        for p in partners:
+            key = self._pair_key(p, keyframe)
+            if key in self._pairs:
+                continue
+            prior = _pair_prior(p, keyframe)
+            try:
+                res = (self.register_pair(self._frame(p), fr, prior, p.index, keyframe.index), None)
+            except BackendError as e:
+                res = (None, str(e))
+            self._remember_pair(key, res)
+            done += 1
+        return done
+
+    @staticmethod
+    def _pair_key(a: Keyframe, b: Keyframe) -> tuple:
+        prior = _pair_prior(a, b)
+        return a.content_key(), b.content_key(), None if prior is None else prior.tobytes()
+
+    def _remember_pair(self, key: tuple, res: tuple) -> None:
+        with self._frames_lock:
+            self._pairs[key] = res
+            self._pairs.move_to_end(key)
+            while len(self._pairs) > self.pair_cache_size:
+                self._pairs.popitem(last=False)
 
     def _frame(self, kf: Keyframe) -> "_Frame":
         """The prepared frame of ``kf`` (features, normals, ICP points), from the cache when the
@@ -563,18 +606,23 @@ class RgbdBackend(PointmapBackend):
         def register(ij):
             i, j = ij
             check_cancel(cancel)
-            Pi, Pj = kfs[i].pose_prior, kfs[j].pose_prior
-            prior = None
-            if Pi is not None and Pj is not None:
-                prior = invert_pose(np.asarray(Pi, np.float64)) @ np.asarray(Pj, np.float64)
-            try:
-                return self.register_pair(frames[i], frames[j], prior, i, j), None
-            except BackendError as e:
+            key = self._pair_key(kfs[i], kfs[j])
+            with self._frames_lock:
+                ahead = self._pairs.get(key)
+            if ahead is None:  # not registered when the keyframe was accepted: now
+                try:
+                    ahead = (self.register_pair(frames[i], frames[j], _pair_prior(kfs[i], kfs[j]), i, j), None)
+                except BackendError as e:
+                    ahead = (None, str(e))
+                self._remember_pair(key, ahead)
+            reg, err = ahead
+            if reg is None:
                 # a pair that does not overlap (e.g. the two ends of an arc in a complete graph)
                 # is left out of the pair graph; the aligner checks the rest stays connected
                 if not self.drop_failed_pairs:
-                    raise
-                return None, str(e)
+                    raise BackendError(err)
+                return None, err
+            return dataclasses.replace(reg, i=i, j=j), None
 
         # keyframes, then pairs, on a few threads (OpenCV and numpy release the GIL); results are
         # collected in order, so the outcome does not depend on the scheduling

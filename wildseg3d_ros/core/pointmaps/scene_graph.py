@@ -82,6 +82,15 @@ def make_pairs(n: int, scene_graph: str = "complete", symmetrize: bool = True) -
     return edges
 
 
+def partners_of_next(n_prev: int, scene_graph: str = "complete") -> List[int]:
+    """Positions (0 .. n_prev-1) of the earlier views that view ``n_prev`` -- the next one to
+    arrive -- is paired with in ``scene_graph`` over ``n_prev + 1`` views: the pairs a backend
+    can compute as soon as that view is accepted (a cyclic graph's wrap-around pairs change as
+    views arrive; they are included for the current length)."""
+    return sorted({i if j == n_prev else j for i, j in make_pairs(n_prev + 1, scene_graph, symmetrize=False)
+                   if n_prev in (i, j)})
+
+
 def graph_components(nodes: Sequence[int], edges: Sequence[Tuple[int, int]]) -> List[List[int]]:
     """Connected components (largest first) of the undirected graph (nodes, edges)."""
     nodes = list(nodes)
