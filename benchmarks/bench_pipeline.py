@@ -9,7 +9,7 @@ pose priors on).
 Per run (--runs, default 5; p50 / p95 reported): ReconstructionPipeline.run stages (pointmaps,
 pre-segmentation, alignment, mask cache, total) on a fresh pipeline (cold: nothing cached), then
 the same with every keyframe prepared first (prepared_*: as the node does with
-keyframes.prepare_ahead, ReconstructionPipeline.prepare per accepted keyframe, timed per keyframe), the scene cloud packed for publication
+keyframes.prepare_ahead: ReconstructionPipeline.prepare per accepted keyframe, then its queued pairs, timed per keyframe), the scene cloud packed for publication
 (core.cloud.pack_scene_cloud + bytes), then what the segmentation node does with it
 (ros/segmentation_node._load_scene): the data as rclpy delivers it (array.array) -> structured
 array (cloud_from_bytes) -> AlignedScene (scene_from_cloud_array: one batched resection of all
@@ -152,6 +152,7 @@ def main():
         tp = time.perf_counter()
         for kf in kfs:
             pipe.prepare(kf)
+        pipe.prepare_pending_pairs()  # what the node does while no keyframe waits
         t["prepare_per_keyframe_s"] = (time.perf_counter() - tp) / len(kfs)
         _, tw = pipe.run(kfs)
         t.update({f"prepared_{k}": v for k, v in tw.items()})

@@ -48,8 +48,7 @@ def build_scene(seed: int):
 
 def make_naive(mapper):
     """Replace the mapper's fast path by per-prompt brute force (the baseline)."""
-    pts_all = mapper._pts_flat[mapper._kd_flat]
-    lab_all = mapper._kd_labels
+    pts_all, lab_all = mapper.grid_points()
 
     def object_at_point(p, max_dist=None):
         md = mapper.default_max_dist if max_dist is None else max_dist

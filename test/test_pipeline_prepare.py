@@ -24,6 +24,7 @@ def test_prepared_keyframes_give_the_same_scene(kfs, segmenter):
     warm = ReconstructionPipeline(PipelineConfig(segmenter=segmenter, iterations=30))
     assert all(warm.prepare(kf) for kf in kfs)
     assert warm.prepare(kfs[0])  # a second time: already prepared
+    assert warm.prepare_pending_pairs() == 0
     prepared_frames = len(warm.backend._frames)
     # every pair of the complete graph was registered as its second keyframe was prepared: the
     # reconstruction registers none

@@ -196,6 +196,7 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
             "pose_error_in_scene_frame": perr_raw,
             "pose_error_after_sim3": perr_sim3,
             "reconstruction_s": {k: round(float(val), 4) for k, val in recon.items() if isinstance(val, (int, float))},
+            "keyframes_prepared_ahead": int(rec.stats.get("keyframes_prepared", 0)),
             "stream_to_scene_s": round(t_scene - t_stream, 3),
             "click_to_pointcloud2_ms": round(latency_ms, 2),
             "segmentation_node_prompt_ms": round(float(seg.latencies_ms[-1]), 2) if seg.latencies_ms else None,

@@ -427,6 +427,14 @@ class GroupMapper:
             return int(best[0])
         return int(labs[np.isin(labs, best)][0])  # labs are ordered by distance
 
+    def grid_points(self):
+        """(points (M,3) float32, labels (M,) int32) of the valid pixels on the ``kd_stride`` grid:
+        the points :meth:`object_at_point` votes over (for brute-force references)."""
+        sub = np.zeros((self.V, self.H, self.W), bool)
+        sub[:, ::self.kd_stride, ::self.kd_stride] = True
+        sub &= self.valid
+        return self._pts_vhw[sub], self.labels[sub]
+
     def nearest_distance(self, p, max_dist: float) -> float:
         """Distance from world point p to the nearest valid scene point (every pixel), or inf when
         none is within ``max_dist``."""

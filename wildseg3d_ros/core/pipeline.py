@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Callable, List, Optional, Sequence
 
@@ -46,14 +46,16 @@ class ReconstructionPipeline:
         # the keyframes prepared last, in order: the partners of the next one's pairs
         self._accepted: List[Keyframe] = []
         self.accepted_window = 8
+        self._run_waiting = threading.Event()
+        self._pending_pairs: "deque" = deque(maxlen=64)  # (earlier keyframe, keyframe) to register
 
     def prepare(self, kf: Keyframe) -> bool:
         """Per-keyframe work ahead of :meth:`run`, e.g. when the keyframe is accepted: the
         backend's per-keyframe features and, when the keyframe's pointmap is known before pairing
-        (depth cameras: ``backend.pointmaps_per_keyframe``), its pre-segmentation and its pairs with
-        the keyframes prepared before it (``backend.prepare_pairs``, the partners the scene graph
-        gives over the last ``accepted_window`` prepared keyframes). Cached by content, so the
-        reconstruction that includes this keyframe skips that work. Returns True when the
+        (depth cameras: ``backend.pointmaps_per_keyframe``), its pre-segmentation; its pairs with the
+        keyframes prepared before it (the partners the scene graph gives over the last
+        ``accepted_window`` prepared keyframes) are queued for :meth:`prepare_pending_pairs`.
+        Cached by content, so the reconstruction that includes this keyframe skips that work. Returns True when the
         keyframe's masks are now prepared. Waits while a reconstruction runs."""
         with self._lock:
             key = kf.content_key()
@@ -64,19 +66,32 @@ class ReconstructionPipeline:
                 return False  # the geometry comes from pairing (networks, stereo): segmented in run()
             pts, valid = cam if self._presegment_geometry else (None, None)
             self._remember_masks(key, self.segmenter.automatic_masks(kf.rgb, pts, valid))
-            self._prepare_pairs(kf)
+            self._pending_pairs.extend((p, kf) for p in self._pair_partners(kf))
             return True
 
-    def _prepare_pairs(self, kf: Keyframe) -> None:
-        """The pairs of ``kf`` with the keyframes prepared before it that the scene graph will
-        ask for (all of them for ``complete``, the last k for ``swin-k``), computed now."""
+    def prepare_pending_pairs(self, max_pairs: Optional[int] = None) -> int:
+        """Register up to ``max_pairs`` (None: all) of the pairs the prepared keyframes queued
+        (:meth:`prepare`), one at a time, each under the lock: a reconstruction that wants to start
+        waits for one registration at most and registers the pairs left itself. Meant for idle
+        time, after the keyframes' own work (a node calls it when no keyframe waits). Returns
+        the number of pairs still queued."""
+        n = 0
+        while self._pending_pairs and (max_pairs is None or n < max_pairs) and not self._run_waiting.is_set():
+            with self._lock:
+                if not self._pending_pairs:
+                    break
+                partner, kf = self._pending_pairs.popleft()
+                n += self.backend.prepare_pairs(kf, [partner])
+        return len(self._pending_pairs)
+
+    def _pair_partners(self, kf: Keyframe) -> List[Keyframe]:
+        """The keyframes prepared before ``kf`` that the scene graph pairs it with (all of them
+        for ``complete``, the last k for ``swin-k``), over the last ``accepted_window``."""
         from .pointmaps.scene_graph import partners_of_next
 
         prev = [k for k in self._accepted if k.content_key() != kf.content_key()]
-        partners = [prev[i] for i in partners_of_next(len(prev), self.cfg.scene_graph)]
         self._accepted = (prev + [kf])[-self.accepted_window:]
-        if partners:
-            self.backend.prepare_pairs(kf, partners)
+        return [prev[i] for i in partners_of_next(len(prev), self.cfg.scene_graph)]
 
     def _remember_masks(self, key: str, labels: np.ndarray) -> None:
         self._masks[key] = labels
@@ -87,7 +102,9 @@ class ReconstructionPipeline:
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
         """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / errors.Cancelled."""
+        self._run_waiting.set()  # prepare() stops handing out pair registrations
         with self._lock:
+            self._run_waiting.clear()
             return self._run(keyframes, cancel, progress, frame_id)
 
     def _run(self, keyframes, cancel, progress, frame_id):

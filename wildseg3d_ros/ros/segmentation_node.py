@@ -48,6 +48,7 @@ import threading
 import time
 from typing import List, Optional
 
+import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
@@ -170,7 +171,39 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                          f"{item[0]} input dropped", "error")
 
     # ------------------------------------------------------------------ worker
+    def _warm_up(self):
+        """Pay the first-use costs (OpenCV and scipy imports, numpy code paths) on a tiny scene at
+        start-up, so that the first real scene is prepared as fast as the next ones."""
+        from ..core.geometry import depth_to_world
+        from ..core.group_mapping import GroupMapper
+        from ..core.mask_cache import object_table
+        from ..core.output import cloud as corecloud
+        from ..core.output.scene_codec import scene_from_cloud_array
+        from ..core.types import AlignedScene, MaskCache
+        K = np.array([[20.0, 0, 8], [0, 20.0, 6], [0, 0, 1]])
+        poses = np.tile(np.eye(4), (2, 1, 1))
+        poses[1, 0, 3] = 0.05
+        depth = 1.0 + 0.5 * np.random.default_rng(0).random((12, 16))  # not a plane: a camera can be resected
+        pts = np.stack([depth_to_world(depth, K, T) for T in poses]).astype(np.float32)
+        lab = np.zeros((2, 12, 16), np.int32)
+        lab[:, 4:8, 5:10] = 1
+        sc = AlignedScene(pts3d=pts, conf=np.ones((2, 12, 16), np.float32), poses=poses, K=np.stack([K, K]),
+                          rgb=np.zeros((2, 12, 16, 3), np.uint8),
+                          mask_cache=MaskCache(labels=lab, soft=(lab > 0).astype(np.float32), objects=object_table(lab)))
+        arr, h, w = corecloud.pack_scene_cloud(sc)
+        lay = corecloud.cloud_layout(arr, h, w)
+        data = corecloud.cloud_to_bytes(arr)
+        dec = scene_from_cloud_array(corecloud.cloud_from_bytes(bytearray(data), lay.fields, lay.point_step, h, w), "warm")
+        mapper = GroupMapper(dec)
+        mapper.warm()
+        mapper.object_at_point(dec.pts3d[0, 6, 7])
+        self._id_pool.submit(len, data).result()  # the identity thread is started
+
     def _work_loop(self):
+        try:
+            self._warm_up()
+        except Exception as e:  # never fatal: the first scene then pays for it
+            self.get_logger().warning(f"warm-up skipped ({type(e).__name__}: {e})")
         while not self._stop.is_set():
             warming = self.session is not None and self._warm_left > 0
             try:
