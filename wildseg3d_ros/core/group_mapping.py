@@ -213,9 +213,10 @@ class GroupMapper:
                        else np.zeros((V, H, W), np.int32))
         if self.labels.shape != (V, H, W):
             raise ValueError(f"mask cache labels {self.labels.shape} != scene {(V, H, W)}")
-        self.labels = np.where(self.valid, self.labels, 0).astype(np.int32)
-        self._pts_flat = np.array(scene.pts3d, np.float32, copy=True).reshape(-1, 3)
-        self._pts_flat[~self.valid.ravel()] = 0.0
+        self.labels = np.where(self.valid, self.labels, np.int32(0)).astype(np.int32, copy=False)
+        # the scene's own float32 points (no copy when they are float32 already); invalid pixels
+        # (NaN) are never read: every lookup goes through ``valid``
+        self._pts_flat = np.ascontiguousarray(scene.pts3d, dtype=np.float32).reshape(-1, 3)
         self._rgb_flat = np.asarray(scene.rgb, np.uint8).reshape(-1, 3)
         self.K = _as_view_K(scene.K, V)
         poses = np.asarray(scene.poses, np.float64)

@@ -118,6 +118,9 @@ class AlignedScene:
     metric: bool = True
     stamps: Optional[np.ndarray] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    #: validity computed when the scene was decoded from a message (core.output.scene_codec),
+    #: returned by valid_mask() while pts3d / conf are those same arrays
+    decoded_valid: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def num_views(self) -> int:
@@ -129,6 +132,9 @@ class AlignedScene:
 
     def valid_mask(self) -> np.ndarray:
         """V x H x W bool: finite points with positive confidence."""
+        v = self.decoded_valid
+        if v is not None and v.shape == self.conf.shape:
+            return v
         return finite_points(self.pts3d) & (self.conf > 0)
 
 

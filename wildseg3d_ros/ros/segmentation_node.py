@@ -95,6 +95,7 @@ PARAMS = [
 class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMixin, Node):
     REFUSE_LEVEL = "warning"  # a bad prompt is the operator's, not the node's, fault
     DIAG_NAME = "segmentation_node"
+    TRIM_IDLE_S = 20.0  # freed heap memory is returned to the OS after this long without a new scene
 
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
@@ -117,6 +118,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
         self._warm_left = 0  # objects of the current scene not computed yet (GroupMapper.warm)
+        self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
@@ -198,6 +200,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         mapper.warm()
         mapper.object_at_point(dec.pts3d[0, 6, 7])
         self._id_pool.submit(len, data).result()  # the identity thread is started
+        self._get_segmenter(True)  # the refinement segmenter of metric scenes (auto: geometric)
 
     def _work_loop(self):
         try:
@@ -215,6 +218,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                     self._dispatch(item)
                 elif warming:  # idle: one more object of the new scene, so that no click pays for it
                     self._warm_left = self.session.mapper.warm(1)
+                elif self._trim_at is not None and time.monotonic() >= self._trim_at:
+                    self._trim_at = None
+                    release_free_heap()
                 self._expire_held()
                 if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
                     self.out.publish([], self._frame())
@@ -225,7 +231,10 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     def _dispatch(self, item):
         if item[0] == "scene":
             self._load_scene(item[1], item[2])
-            release_free_heap()  # the previous scene's arrays were just dropped
+            # the previous scene's arrays were just dropped: their memory is given back to the OS
+            # once no new scene came for a while (a burst of scenes reuses it: returned pages would
+            # be faulted in again by the next scene's preparation, ~25 ms for 5 x 512x384)
+            self._trim_at = time.monotonic() + self.TRIM_IDLE_S
         elif item[0] == "reset":
             self._do_reset()
         elif item[0] == "resegment":

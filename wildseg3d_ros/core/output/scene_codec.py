@@ -46,4 +46,4 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
     objects = object_table(labels)
     mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects)
     return AlignedScene(pts3d=pts, conf=conf, poses=poses, K=Ks, rgb=d["rgb"],
-                        mask_cache=mc, frame_id=frame_id)
+                        mask_cache=mc, frame_id=frame_id, decoded_valid=valid)
