@@ -97,7 +97,7 @@ def test_end_to_end_click_refine_reset_and_new_stream(ros):
             gt = seq.instance[fidx]
             assert wait_for(lambda: seg.session is not None, 30)
             # the node computes the new scene's objects while idle, so no click pays for them
-            assert wait_for(lambda: seg.session.mapper.pending_objects() == [], 10)
+            assert wait_for(lambda: seg.session.mapper.pending_work() == 0, 10)
 
             # --- one click on the largest object of keyframe 0
             areas = {o: int((gt[0] == o).sum()) for o in seq.scene.object_ids}

@@ -262,7 +262,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         from ..core.prompts.session import InteractiveSession
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
                              min_agree_frac=self.params["mgm.min_consistency"])
-        self._warm_left = len(mapper.pending_objects())  # computed while idle (work loop)
+        self._warm_left = mapper.pending_work()  # KD-tree and objects, done while idle (work loop)
         return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
                                   max_click_dist=self.params["prompt.max_distance_m"])
 
@@ -298,7 +298,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         n_obj = len(scene.mask_cache.object_ids()) if scene.mask_cache is not None else 0
         self.get_logger().info(f"scene ready: {scene.num_views} keyframes {scene.image_shape[1]}x"
                                f"{scene.image_shape[0]}, {n_obj} cached objects, frame '{scene.frame_id}' "
-                               f"({time.perf_counter() - t0:.2f} s to prepare)")
+                               f"({1e3 * (time.perf_counter() - t0):.0f} ms to prepare)")
         if not self._restore_session():
             self._replay_on_new_scene(carry)
             if self.prompt_log:
