@@ -36,3 +36,16 @@ def test_round_trip_cameras_and_object_table(big_id):
         area = [int((labels[v] == i).sum()) for v in range(3)]
         assert out.mask_cache.objects[i]["area"] == {v: a for v, a in enumerate(area) if a > 0}
         assert out.mask_cache.objects[i]["views"] == [v for v in range(3) if area[v] > 0]
+
+
+def test_decoded_validity_is_reused_only_for_the_decoded_arrays():
+    """The decoder's validity serves valid_mask() (no second pass over the points) until the
+    scene's points or confidences are replaced."""
+    labels = np.zeros((3, 48, 64), np.int32)
+    sc, _ = _scene(labels)
+    arr, h, w = cloud.pack_scene_cloud(sc)
+    out = scene_from_cloud_array(arr, "map")
+    assert out.valid_mask() is out.decoded_valid
+    np.testing.assert_array_equal(out.valid_mask(), sc.valid_mask())
+    out.conf = np.zeros_like(out.conf)   # a new array: computed again
+    assert not out.valid_mask().any()

@@ -119,8 +119,11 @@ class AlignedScene:
     stamps: Optional[np.ndarray] = None
     info: Dict[str, Any] = field(default_factory=dict)
     #: validity computed when the scene was decoded from a message (core.output.scene_codec),
-    #: returned by valid_mask() while pts3d / conf are those same arrays
+    #: returned by valid_mask() while pts3d / conf are those same array objects
     decoded_valid: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._valid_of = (id(self.pts3d), id(self.conf)) if self.decoded_valid is not None else None
 
     @property
     def num_views(self) -> int:
@@ -133,7 +136,7 @@ class AlignedScene:
     def valid_mask(self) -> np.ndarray:
         """V x H x W bool: finite points with positive confidence."""
         v = self.decoded_valid
-        if v is not None and v.shape == self.conf.shape:
+        if v is not None and self._valid_of == (id(self.pts3d), id(self.conf)) and v.shape == self.conf.shape:
             return v
         return finite_points(self.pts3d) & (self.conf > 0)
 
