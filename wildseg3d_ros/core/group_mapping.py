@@ -1,27 +1,28 @@
 """Multi-view Group Mapping (MGM): prompt -> cached object ids -> one consistent 3D segment.
 
 :class:`GroupMapper` is built once per aligned scene (with its mask cache); building it only
-indexes the labelled pixels, so a new scene is ready in milliseconds.
+indexes the labelled pixels, so a new scene is ready in milliseconds. :meth:`GroupMapper.warm`
+does the rest, one unit at a time (a node calls it while idle); whatever it has not done yet is
+done when a prompt needs it:
 
 * A 3D prompt is a k-nearest-neighbour vote over the valid world points of a strided pixel grid,
-  with their cache labels. No spatial index is built: the organised pointmaps already are one —
-  a point within r of the prompt lies, in every view, inside a small window around the prompt's
-  projection, so each view is searched in that window only (exact, see ``_neighbours``).
-* An object's segment is computed on first use and kept (``warm()`` computes the rest, e.g.
-  while a node is idle): for every pixel of the object in every view a *multi-view consistency*
-  vote: the pixel's world point is projected into every other view; a view that sees it (inside
-  the image, valid surface there, point not behind that surface by more than the depth
-  tolerance) agrees when it labels the pixel with the same object, and disagrees when it labels
-  it background / another object or when the point floats in front of its surface (free-space
-  violation); a pixel is dropped when the disagreeing views outnumber the agreeing ones;
-  then isolated floaters are removed (26-connected components on a voxel grid; components
-  smaller than ``floater_min_frac`` of the largest are dropped); the object's filtered points /
-  colours / view indices / flat pixel indices are stored.
+  with their cache labels: by a KD-tree (scipy ``cKDTree``) once ``warm()`` built it, before that
+  by an exact window search in the organised pointmaps (a point within r of the prompt lies, in
+  every view, inside a small window around the prompt's projection; see ``_neighbours``).
+* An object's segment is computed on first use and kept: for every pixel of the object in every
+  view a *multi-view consistency* vote: the pixel's world point is projected into every other
+  view; a view that sees it (inside the image, valid surface there, point not behind that
+  surface by more than the depth tolerance) agrees when it labels the pixel with the same
+  object, and disagrees when it labels it background / another object or when the point floats
+  in front of its surface (free-space violation); a pixel is dropped when the disagreeing views
+  outnumber the agreeing ones; then isolated floaters are removed (26-connected components on a
+  voxel grid; components smaller than ``floater_min_frac`` of the largest are dropped); the
+  object's filtered points / colours / view indices / flat pixel indices are stored.
 
-A prompt is then a window search plus a lookup (:meth:`GroupMapper.segment`), about a
-millisecond for a 5-view 512 x 384 scene once the object is computed.  The ``view_masks`` path
-(arbitrary per-view masks from interactive refinement) runs the same lifting + consistency +
-floater removal on the fly.
+A prompt is then a KD-tree query plus a lookup (:meth:`GroupMapper.segment`), under a
+millisecond for a 5-view 512 x 384 scene once warmed.  The ``view_masks`` path (arbitrary
+per-view masks from interactive refinement) runs the same lifting + consistency + floater
+removal on the fly.
 """
 from __future__ import annotations
 
@@ -250,20 +251,14 @@ class GroupMapper:
         self._index_raw_pixels()
 
     # ------------------------------------------------------------------ internals
-    def _lift_consistent(self, src_masks_flat: List[np.ndarray], src_labels: List[np.ndarray],
-                         target) -> np.ndarray:
-        """Flat pixel indices (into V*H*W) that pass the consistency vote (one batched vote over
-        the pixels of every source view)."""
-        HW = self.H * self.W
-        flat = [pix + a * HW for a, pix in enumerate(src_masks_flat) if pix.size]
-        if not flat:
-            return np.zeros(0, np.int64)
-        flat = np.concatenate(flat)
-        if not self.consistency:
+    def _lift_consistent(self, flat: np.ndarray, labels: np.ndarray, target) -> np.ndarray:
+        """The flat pixel indices (into V*H*W) of ``flat`` that pass the consistency vote: one
+        batched vote, each pixel with its label in ``labels`` against ``target`` (V,H,W)."""
+        if flat.size == 0 or not self.consistency:
             return flat
-        lab = np.concatenate([l for pix, l in zip(src_masks_flat, src_labels) if pix.size])
-        ag, dis = consistency_votes(flat // HW, self._pts_flat[flat], lab, target, self.valid, self.z_own,
-                                    self.R_w2c, self.t_w2c, self.K, self.depth_tol_rel, self.depth_tol_abs)
+        ag, dis = consistency_votes(flat // (self.H * self.W), self._pts_flat[flat], labels, target, self.valid,
+                                    self.z_own, self.R_w2c, self.t_w2c, self.K, self.depth_tol_rel,
+                                    self.depth_tol_abs)
         ok = ag.astype(np.float32) >= self.min_agree_frac * (ag + dis).astype(np.float32)
         return flat[ok]
 
@@ -294,11 +289,7 @@ class GroupMapper:
             if ob is not None:
                 return ob
             raw = self._raw[i]
-            HW = self.H * self.W
-            cuts = np.searchsorted(raw, np.arange(self.V + 1) * HW)  # raw is sorted: split by view
-            src = [raw[cuts[a]:cuts[a + 1]] - a * HW for a in range(self.V)]
-            lab = [np.full(x.size, i, np.int32) for x in src]
-            flat = self._defloat(self._lift_consistent(src, lab, self.labels))
+            flat = self._defloat(self._lift_consistent(raw, np.full(raw.size, i, np.int32), self.labels))
             ob = self._objects[i] = self._pack(flat)
             return ob
 
@@ -532,10 +523,7 @@ class GroupMapper:
         if m.shape != (self.V, self.H, self.W):
             raise ValueError(f"view_masks shape {m.shape} != {(self.V, self.H, self.W)}")
         m = m & self.valid
-        HW = self.H * self.W
-        mf = m.reshape(self.V, HW)
-        src = [np.flatnonzero(mf[a]) for a in range(self.V)]
-        src_lab = [np.ones(s.size, bool) for s in src]
-        flat = self._defloat(self._lift_consistent(src, src_lab, m))
+        flat = np.flatnonzero(m.ravel())
+        flat = self._defloat(self._lift_consistent(flat, np.ones(flat.size, bool), m))
         rk = self._negative_keys(int(i) for i in negative_ids)
         return self._make_segment([self._pack(flat)], [int(i) for i in object_ids], rk)
