@@ -45,6 +45,10 @@ class WorldFit:
     scaled: bool = False            # True when s was estimated (non-metric, spread centres)
     rot_err_deg: float = 0.0        # mean rotation disagreement of the used views after the fit
     centre_err_m: float = 0.0       # mean centre disagreement of the used views after the fit
+    views: List[int] = field(default_factory=list)     # views with a known pose, in the order below
+    rot_res_deg: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per view, after the fit
+    centre_res: np.ndarray = field(default_factory=lambda: np.zeros(0))   # per view, after the fit
+    spread: float = 0.0             # spread of the known centres (their units)
 
     def matrix(self) -> np.ndarray:
         T = np.eye(4)
@@ -145,7 +149,8 @@ def fit_world_transform(est_poses: np.ndarray, known: Sequence[Optional[np.ndarr
     return WorldFit(float(s), R, t, mode="poses", used=used,
                     outliers=[idx[k] for k in range(n) if w[k] == 0],
                     scaled=bool(estimate_scale), rot_err_deg=float(np.rad2deg(ang[keep]).mean()) if keep.any() else 0.0,
-                    centre_err_m=float(dc[keep].mean()) if keep.any() else 0.0)
+                    centre_err_m=float(dc[keep].mean()) if keep.any() else 0.0,
+                    views=list(idx), rot_res_deg=np.rad2deg(ang), centre_res=dc, spread=spread)
 
 
 def inconsistent_poses(est_poses: np.ndarray, known: Sequence[Optional[np.ndarray]], metric: bool,
@@ -159,17 +164,11 @@ def inconsistent_poses(est_poses: np.ndarray, known: Sequence[Optional[np.ndarra
     Meant for rough estimates (e.g. the aligner's initial cameras, ~1 deg), where the fit's own
     outlier test (10 x the inliers' spread) lets a wrong pose in with a small weight."""
     fit = fit_world_transform(est_poses, known, metric, scene_depth=scene_depth)
-    idx = [i for i, k in enumerate(known) if k is not None and np.isfinite(np.asarray(k, np.float64)).all()]
-    if len(idx) < 3:  # with two poses neither can be told to be the wrong one
+    if len(fit.views) < 3:  # with two poses neither can be told to be the wrong one
         return []
-    est = np.asarray(est_poses, np.float64)[idx]
-    K = np.stack([np.asarray(known[i], np.float64) for i in idx])
-    c_k = K[:, :3, 3]
-    spread = float(np.sqrt(((c_k - c_k.mean(0)) ** 2).sum(1).mean()))
-    L = max(spread, float(scene_depth) if scene_depth is not None and np.isfinite(scene_depth) else 0.0, 1e-9)
-    ang, dc, _ = _residuals(fit.s, fit.R, fit.t, est[:, :3, :3], est[:, :3, 3], K[:, :3, :3], c_k, L)
-    bad = (np.rad2deg(ang) > max_rot_deg) | (dc > max_centre_frac * L)
-    return sorted(set(fit.outliers) | {idx[k] for k in np.flatnonzero(bad)})
+    L = max(fit.spread, float(scene_depth) if scene_depth is not None and np.isfinite(scene_depth) else 0.0, 1e-9)
+    bad = (fit.rot_res_deg > max_rot_deg) | (fit.centre_res > max_centre_frac * L)
+    return sorted(set(fit.outliers) | {fit.views[k] for k in np.flatnonzero(bad)})
 
 
 def _scene_depth(scene: AlignedScene) -> Optional[float]:
