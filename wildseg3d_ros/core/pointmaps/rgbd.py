@@ -390,32 +390,30 @@ class RgbdBackend(PointmapBackend):
         """Register ``keyframe`` to each earlier partner now (pair (partner, keyframe), as
         predict_pairs orders them), cached by content and prior, so a reconstruction that has
         these pairs only looks them up."""
-        done = 0
         fr = self._frame(keyframe)
-        for p in partners:
-            key = self._pair_key(p, keyframe)
-            if key in self._pairs:
-                continue
-            prior = _pair_prior(p, keyframe)
-            try:
-                res = (self.register_pair(self._frame(p), fr, prior, p.index, keyframe.index), None)
-            except BackendError as e:
-                res = (None, str(e))
-            self._remember_pair(key, res)
-            done += 1
-        return done
+        return sum(self._cached_registration(p, keyframe, self._frame(p), fr, p.index, keyframe.index)[2]
+                   for p in partners)
 
-    @staticmethod
-    def _pair_key(a: Keyframe, b: Keyframe) -> tuple:
+    def _cached_registration(self, a: Keyframe, b: Keyframe, fr_a: "_Frame", fr_b: "_Frame", i: int, j: int):
+        """(PairRegistration or None, error or None, computed now) of keyframe b to keyframe a
+        (their prepared frames fr_a, fr_b): from the pair cache (by content and prior) or
+        registered now and remembered."""
         prior = _pair_prior(a, b)
-        return a.content_key(), b.content_key(), None if prior is None else prior.tobytes()
-
-    def _remember_pair(self, key: tuple, res: tuple) -> None:
+        key = (a.content_key(), b.content_key(), None if prior is None else prior.tobytes())
+        with self._frames_lock:
+            hit = self._pairs.get(key)
+        if hit is not None:
+            return hit[0], hit[1], False
+        try:
+            res = (self.register_pair(fr_a, fr_b, prior, i, j), None)
+        except BackendError as e:
+            res = (None, str(e))
         with self._frames_lock:
             self._pairs[key] = res
             self._pairs.move_to_end(key)
             while len(self._pairs) > self.pair_cache_size:
                 self._pairs.popitem(last=False)
+        return res[0], res[1], True
 
     def _frame(self, kf: Keyframe) -> "_Frame":
         """The prepared frame of ``kf`` (features, normals, ICP points), from the cache when the
@@ -606,16 +604,8 @@ class RgbdBackend(PointmapBackend):
         def register(ij):
             i, j = ij
             check_cancel(cancel)
-            key = self._pair_key(kfs[i], kfs[j])
-            with self._frames_lock:
-                ahead = self._pairs.get(key)
-            if ahead is None:  # not registered when the keyframe was accepted: now
-                try:
-                    ahead = (self.register_pair(frames[i], frames[j], _pair_prior(kfs[i], kfs[j]), i, j), None)
-                except BackendError as e:
-                    ahead = (None, str(e))
-                self._remember_pair(key, ahead)
-            reg, err = ahead
+            # registered when the keyframe was accepted (prepare_pairs), else now
+            reg, err, _ = self._cached_registration(kfs[i], kfs[j], frames[i], frames[j], i, j)
             if reg is None:
                 # a pair that does not overlap (e.g. the two ends of an arc in a complete graph)
                 # is left out of the pair graph; the aligner checks the rest stays connected
