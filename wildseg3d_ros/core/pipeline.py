@@ -66,7 +66,7 @@ class ReconstructionPipeline:
                 return False  # the geometry comes from pairing (networks, stereo): segmented in run()
             pts, valid = cam if self._presegment_geometry else (None, None)
             self._remember_masks(key, self.segmenter.automatic_masks(kf.rgb, pts, valid))
-            self._pending_pairs.extend((p, kf) for p in self._pair_partners(kf))
+            self._pending_pairs.extend((p, kf) for p in self._accept(kf))
             return True
 
     def prepare_pending_pairs(self, max_pairs: Optional[int] = None) -> int:
@@ -84,9 +84,9 @@ class ReconstructionPipeline:
                 n += self.backend.prepare_pairs(kf, [partner])
         return len(self._pending_pairs)
 
-    def _pair_partners(self, kf: Keyframe) -> List[Keyframe]:
-        """The keyframes prepared before ``kf`` that the scene graph pairs it with (all of them
-        for ``complete``, the last k for ``swin-k``), over the last ``accepted_window``."""
+    def _accept(self, kf: Keyframe) -> List[Keyframe]:
+        """Append ``kf`` to the last ``accepted_window`` prepared keyframes and return the earlier
+        ones the scene graph pairs it with (all of them for ``complete``, the last k for ``swin-k``)."""
         from .pointmaps.scene_graph import partners_of_next
 
         prev = [k for k in self._accepted if k.content_key() != kf.content_key()]

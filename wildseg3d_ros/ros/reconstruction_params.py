@@ -89,7 +89,8 @@ PARAMS = [
     ParamSpec("dga.pose_prior_weight", 0.0, "Tie the aligner's camera poses to the known ones (odometry / "
               "pose / TF): 0 = poses only initialise and place the result in world_frame; > 0 a soft penalty; "
               "a large value (e.g. 1e4) for exact poses (motion capture). With > 0, a known pose that "
-              "disagrees with the images' geometry (> 5 deg or 10 % of the camera spread) is released.", 0.0, 1e9),
+              "disagrees with the images' geometry (> 5 deg, or > 10 % of the larger of the camera spread and "
+              "the scene depth) is released.", 0.0, 1e9),
     ParamSpec("dga.match_threshold", 0.03, "Reciprocal-NN match distance, relative to depth.", 1e-4, 1.0),
     ParamSpec("use_pose_priors", True, "Use known camera poses as alignment priors."),
     ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics messages (s).", 0.1, 60.0),

@@ -117,7 +117,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._held: List[tuple] = []  # prompt items waiting for a scene
         self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
-        self._warm_left = 0  # objects of the current scene not computed yet (GroupMapper.warm)
+        self._warm_left = 0  # GroupMapper.warm units (KD-tree, objects) of the current scene not done yet
         self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         self.latencies_ms = collections.deque(maxlen=1000)
@@ -216,7 +216,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             try:
                 if item is not None:
                     self._dispatch(item)
-                elif warming:  # idle: one more object of the new scene, so that no click pays for it
+                elif warming:  # idle: one more unit of the new scene's mapper, so that no click pays for it
                     self._warm_left = self.session.mapper.warm(1)
                 elif self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
