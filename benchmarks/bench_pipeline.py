@@ -16,8 +16,8 @@ array (cloud_from_bytes) -> AlignedScene (scene_from_cloud_array: one batched re
 keyframes) while the scene identity (BLAKE2) is hashed on another thread, GroupMapper (indexes
 the labelled pixels; object segments are computed on first use) and InteractiveSession
 (together: scene preparation), the first click (a 3D point on the largest object -> its
-segment, computed now -> packed object cloud), then the idle warm-up of the other objects
-(idle_warm_s). eager_mapper_baseline_s: GroupMapper + every object, i.e. what the mapper's
+segment, computed now -> packed object cloud), then the idle warm-up
+(idle_warm_s: the KD-tree and the other objects). eager_mapper_baseline_s: GroupMapper + all of it, i.e. what the mapper's
 construction cost when it computed all objects up front.
 Baseline in the same run: --baseline-runs reconstructions with the Adam reference optimiser
 (optimizer='adam', 500 iterations). The machine load (os.getloadavg) is printed.
