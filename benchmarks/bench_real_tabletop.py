@@ -15,7 +15,8 @@ cameras -- what a user sees --, or positive at that of the largest missed one; o
 disagreements within 5 px and strips are not clicked) and the IoU again.
 
 On the same aligned scene: ``classical`` (the previous weight-free segmenter, its own mask cache)
-as the baseline, and the oracle: the GT masks of the keyframes used as the mask cache.  The
+and ``geometric_no_revolution`` (the geometric segmenter without joining a vessel's inside to its
+outer wall, ``join_revolution=False``) as the baselines, and the oracle: the GT masks of the keyframes used as the mask cache.  The
 IoUs are computed with the scene expressed in the GT world frame by a rigid full-pose fit of its
 keyframe poses (so they do not depend on how the pipeline places its world frame); the world-
 frame rotation error of what the pipeline publishes is reported separately.  A second geometry,
@@ -171,7 +172,10 @@ def main():
         vrep["per_view_geometric_cpu_s"] = [round(x, 3) for x in cpu]
         print(f"per-view geometric segmentation: wall {vrep['per_view_geometric_s']} s, CPU time "
               f"{vrep['per_view_geometric_cpu_s']} s (wall > CPU: other jobs share the cores)")
-        segs = {"geometric": make_segmenter("geometric"), "classical": make_segmenter("classical")}
+        # baselines: the previous weight-free segmenter, and the geometric one without joining a
+        # vessel's inside to its outer wall (what this segmenter gave before that step)
+        segs = {"geometric": make_segmenter("geometric"), "classical": make_segmenter("classical"),
+                "geometric_no_revolution": make_segmenter("geometric", join_revolution=False)}
         geometries = {"gt_geometry": ycbv.gt_geometry_scene(video, kf)}
         prebuilt = {}
         if not args.no_pipeline:
@@ -220,14 +224,14 @@ def main():
             print(f"\n[{video.name} / {gname}] one click in keyframe 0, IoU over all {video.num_frames} "
                   f"frames (-> after one corrective click)")
             methods = list(res)
-            print(f"{'object':24s}" + "".join(f"{m:>24s}" for m in methods))
+            print(f"{'object':24s}" + "".join(f"{m:>26s}" for m in methods))
             for oname in res[methods[0]]:
                 cells = []
                 for m in methods:
                     r = res[m][oname]
                     cells.append(f"{r['iou']:.3f} -> {r['iou_corrected']:.3f}")
                     rows.append((video.name, gname, m, oname, r["iou"], r["iou_corrected"]))
-                print(f"{oname:24s}" + "".join(f"{c:>24s}" for c in cells))
+                print(f"{oname:24s}" + "".join(f"{c:>26s}" for c in cells))
             for m in methods:
                 ious = [r["iou"] for r in res[m].values()]
                 print(f"  {m}: mIoU {np.mean(ious):.3f}, min {np.min(ious):.3f}, corrected "
@@ -237,7 +241,7 @@ def main():
 
     summary = {}
     for gname in ("pipeline", "gt_geometry"):
-        for m in ("geometric", "classical", "oracle_gt_masks"):
+        for m in ("geometric", "classical", "geometric_no_revolution", "oracle_gt_masks"):
             sel = [r for r in rows if r[1] == gname and r[2] == m]
             if not sel:
                 continue

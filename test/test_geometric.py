@@ -22,7 +22,7 @@ needs_ycbv = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data absent (
 
 W, H = 640, 480
 T = synthetic.TABLE_HEIGHT
-BLOCK, TOP, CAN, MARKER = 4, 5, 6, 7
+BLOCK, TOP, CAN, MARKER, CUP = 4, 5, 6, 7, 8
 COLOUR = np.array([0.8, 0.45, 0.2])
 
 
@@ -186,6 +186,88 @@ def test_refine_negative_click_splits_a_merged_neighbour_and_positive_adds_a_par
     assert (both & blk).sum() > 0.85 * blk.sum()
 
 
+def cup_scene():
+    """A hollow cup (open top, 4 mm walls), a closed can of the same radius touching it and a box
+    behind them, all of ONE colour."""
+    base = synthetic.make_tabletop_scene(seed=3, num_objects=0)
+    cup = _prim("cup", CUP, "cup", center=np.array([0.0, 0.0, T + 0.05]), radius=0.04, height=0.10)
+    can = _prim("cylinder", CAN, "can", center=np.array([0.081, 0.0, T + 0.05]), radius=0.04,
+                height=0.10)
+    box = _prim("box", BLOCK, "box", center=np.array([-0.03, 0.12, T + 0.05]),
+                half_extents=np.array([0.05, 0.03, 0.05]), yaw=0.2)
+    names = {**base.names, CUP: "cup", CAN: "can", BLOCK: "box"}
+    return synthetic.SceneDef(primitives=base.primitives + [cup, can, box],
+                              object_ids=[CUP, CAN, BLOCK], names=names,
+                              table_center=base.table_center)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_cup_seen_through_its_opening_is_one_object(k):
+    """The cup's outer wall and its inside (seen through the opening) share no pixel border: the
+    sensor loses depth on the thin rim (a 5 px band, as the Xtion does on the real mug of
+    ycbv_train) and the inside lies behind a depth jump.  They are one surface of revolution
+    about the support's normal with one rim height, so they join; the can beside it (same
+    radius, touching) and the box stay apart.  Without the join the cup is split."""
+    import cv2
+
+    scene = cup_scene()
+    K = synthetic.intrinsics(W, H, fov_deg=50.0)
+    eye = ([0.05, -0.55, T + 0.40], [-0.3, -0.45, T + 0.45])[k]
+    pose = look_at(np.array(eye), np.array([0.0, 0.0, T + 0.04]))
+    rgb, depth, inst = synthetic.render_view(scene, K, pose, W, H)
+    d = noisy(depth, k)
+    Xw = backproject_depth(depth, K) @ pose[:3, :3].T + pose[:3, 3]
+    rim = (inst == CUP) & (np.abs(Xw[..., 2] - (T + 0.10)) < 1.5e-3)
+    assert rim.sum() > 200  # the rim is in view, so is the inside
+    rim = cv2.dilate(rim.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & (inst == CUP)
+    d[rim] = 0
+    valid = d > 0
+    pts = backproject_depth(d, K)
+    lab = GeometricSegmenter().automatic_masks(rgb, pts, valid)
+    got = {o: _best(lab, inst == o, valid) for o in (CUP, CAN, BLOCK)}
+    assert len({b for b, _ in got.values()}) == 3, got
+    assert all(iou > 0.9 for _, iou in got.values()), got
+    split = GeometricSegmenter(join_revolution=False).automatic_masks(rgb, pts, valid)
+    assert _best(split, inst == CUP, valid)[1] < 0.85
+
+
+def test_revolution_joins_only_the_two_sides_of_one_vessel():
+    """Given segments from the true instances, with the cup split into its outer wall and its
+    inside: only that pair joins -- not the can touching it (same radius and height, axis 8 cm
+    away), not a second can standing on the first (same axis and radius, its top 5 cm higher),
+    not the box."""
+    from wildseg3d_ros.core.presegment.geometric import revolution_joins
+
+    STACK = 9
+    scene = cup_scene()
+    can = scene.primitives_of(CAN)[0]
+    top = _prim("cylinder", STACK, "stacked can", center=can.center + np.array([0.0, 0.0, 0.075]),
+                radius=can.radius, height=0.05)
+    scene = synthetic.SceneDef(primitives=scene.primitives + [top], object_ids=scene.object_ids + [STACK],
+                               names={**scene.names, STACK: "stacked can"}, table_center=scene.table_center)
+    K = synthetic.intrinsics(W, H, fov_deg=50.0)
+    pose = look_at(np.array([0.05, -0.55, T + 0.40]), np.array([0.0, 0.0, T + 0.04]))
+    rgb, depth, inst = synthetic.render_view(scene, K, pose, W, H)
+    d = noisy(depth, 0)
+    valid = d > 0
+    pts = backproject_depth(d, K)
+    info = GeometricSegmenter().analyse(rgb, pts, valid)
+    Xw = backproject_depth(depth, K) @ pose[:3, :3].T + pose[:3, 3]
+    cup = scene.primitives_of(CUP)[0]
+    inside = (inst == CUP) & (np.hypot(*(Xw[..., :2] - cup.center[:2]).T).T < cup.radius - 0.5 * cup.wall)
+    labels = np.zeros((H, W), np.int32)
+    ids = {"outer": 1, "inside": 2, "can": 3, "stacked": 4, "box": 5}
+    labels[(inst == CUP) & ~inside] = ids["outer"]
+    labels[inside] = ids["inside"]
+    labels[inst == CAN] = ids["can"]
+    labels[inst == STACK] = ids["stacked"]
+    labels[inst == BLOCK] = ids["box"]
+    assert all((labels == v).sum() > 1000 for v in ids.values())
+    joins = revolution_joins(labels, pts, valid, info["planes"],  # pts: already camera frame
+                             info["K"], info["sigma_w"])
+    assert sorted(map(sorted, joins.tolist())) == [[ids["outer"], ids["inside"]]], joins
+
+
 # ---------------------------------------------------------------------------------------------
 # real clutter (YCB-Video), per view: every labelled object is one segment of its own
 @needs_ycbv
@@ -201,10 +283,9 @@ def test_ycbv_objects_are_single_segments(video):
         used = set()
         for oid, name in vid.objects.items():
             best, iou = _best(lab, vid.labels[f] == oid, valid)
-            # measured 0.89-0.98 for all but the mug, whose inside (seen through its opening, a
-            # depth jump behind the rim) is a segment of its own: 0.46-0.51
-            floor = 0.4 if name == "025_mug" else 0.85
-            assert iou > floor, (video, f, name, iou)
+            # measured 0.89-0.98; the mug's inside (seen through its opening, behind a rim
+            # without depth) joins its outer wall as one surface of revolution
+            assert iou > 0.85, (video, f, name, iou)
             assert best not in used, (video, f, name)
             used.add(best)
             m = lab == best
@@ -214,10 +295,11 @@ def test_ycbv_objects_are_single_segments(video):
 @needs_ycbv
 def test_ycbv_refinement_positive_adds_a_missed_part_negative_removes_a_neighbour():
     """Through :class:`InteractiveSession` (what the CLI and the nodes call) on the 5 keyframes of
-    video 0000 (GT geometry): the mug's inside, seen through its opening, is a segment of its own,
-    so one click there gives only it (IoU ~0.47 over the 20 frames); a positive click on the
-    missed outside adds it (~0.89).  Then, with a mask cache that wrongly gives the mug's outside
-    the foam brick's id, a negative click on the mug removes it from the brick."""
+    video 0000 (GT geometry): one click on the mug gives all of it (its inside, seen through the
+    opening, is joined to the outer wall).  With that join off, the inside is a segment of its
+    own, so one click there gives only it (IoU ~0.47 over the 20 frames); a positive click on
+    the missed outside adds it (~0.89).  Then, with a mask cache that wrongly gives the mug's
+    outside the foam brick's id, a negative click on the mug removes it from the brick."""
     from wildseg3d_ros.eval import ycbv
     from wildseg3d_ros.core.group_mapping import GroupMapper
     from wildseg3d_ros.core.prompts.session import InteractiveSession
@@ -225,9 +307,6 @@ def test_ycbv_refinement_positive_adds_a_missed_part_negative_removes_a_neighbou
     vid = ycbv.load_video(SHARED / "0000")
     kf = ycbv.uniform_indices(vid.num_frames, 5)
     scene = ycbv.gt_geometry_scene(vid, kf)
-    seg = GeometricSegmenter()
-    scene.mask_cache = seg.build_mask_cache(scene.rgb, scene.pts3d, scene.valid_mask())
-    mapper = GroupMapper(scene)
     ids = {v: k for k, v in vid.objects.items()}
     mug, brick = ids["025_mug"], ids["061_foam_brick"]
     valid = scene.valid_mask()
@@ -238,6 +317,14 @@ def test_ycbv_refinement_positive_adds_a_missed_part_negative_removes_a_neighbou
             m &= ~exclude
         return ycbv.interior_click(m)
 
+    whole = GeometricSegmenter()
+    scene.mask_cache = whole.build_mask_cache(scene.rgb, scene.pts3d, valid)
+    r0 = InteractiveSession(scene, GroupMapper(scene), whole).add_pixel_prompt(0, *on(mug, 0), True)
+    assert ycbv.frame_ious(r0.points, vid, mug).mean() > 0.85
+
+    seg = GeometricSegmenter(join_revolution=False)
+    scene.mask_cache = seg.build_mask_cache(scene.rgb, scene.pts3d, valid)
+    mapper = GroupMapper(scene)
     s = InteractiveSession(scene, mapper, seg)
     r1 = s.add_pixel_prompt(0, *on(mug, 0), True)
     iou1 = ycbv.frame_ious(r1.points, vid, mug).mean()

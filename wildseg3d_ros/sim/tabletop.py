@@ -49,10 +49,12 @@ _EPS = 1e-6
 class Primitive:
     """One world-frame primitive.
 
-    kind: 'box' | 'sphere' | 'cylinder' | 'plane'.
+    kind: 'box' | 'sphere' | 'cylinder' | 'cup' | 'plane'.
     box:      ``center`` (3,), ``half_extents`` (3,), ``yaw`` (rad, about world z).
     sphere:   ``center``, ``radius``.
     cylinder: upright (axis = world z); ``center`` is the middle of the axis, ``radius``, ``height``.
+    cup:      an upright cylinder open at the top, hollow: walls and bottom ``wall`` thick
+              (a mug or a can seen through its opening).
     plane:    ``center`` is a point on the plane, ``normal`` the unit normal (infinite plane; the
               room is the inside of six planes).
     color: base RGB in [0, 1]; texture: 'checker' | 'stripes' | 'noise' | 'wood' | 'wall' | 'fine';
@@ -70,6 +72,7 @@ class Primitive:
     radius: float = 0.0
     height: float = 0.0
     normal: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
+    wall: float = 0.004
     texture_scale: float = 0.02
     tex_seed: int = 0
 
@@ -83,7 +86,7 @@ class Primitive:
             return float(np.linalg.norm(self.half_extents))
         if self.kind == "sphere":
             return float(self.radius)
-        if self.kind == "cylinder":
+        if self.kind in ("cylinder", "cup"):
             return float(np.hypot(self.radius, self.height / 2))
         return float("inf")
 
@@ -108,6 +111,15 @@ class Primitive:
             q = np.stack([np.linalg.norm(p[..., :2], axis=-1) - self.radius,
                           np.abs(p[..., 2]) - self.height / 2], -1)
             return np.linalg.norm(np.maximum(q, 0.0), axis=-1) + np.minimum(q.max(-1), 0.0)
+        if self.kind == "cup":
+            rad = np.linalg.norm(p[..., :2], axis=-1)
+            q = np.stack([rad - self.radius, np.abs(p[..., 2]) - self.height / 2], -1)
+            outer = np.linalg.norm(np.maximum(q, 0.0), axis=-1) + np.minimum(q.max(-1), 0.0)
+            # the cavity: radius - wall, from the bottom's top face up through the opening
+            lo = -self.height / 2 + self.wall
+            qc = np.stack([rad - (self.radius - self.wall), lo - p[..., 2]], -1)
+            cavity = np.linalg.norm(np.maximum(qc, 0.0), axis=-1) + np.minimum(qc.max(-1), 0.0)
+            return np.maximum(outer, -cavity)
         raise ValueError(self.kind)
 
     def top_z(self) -> float:
@@ -115,7 +127,7 @@ class Primitive:
             return float(self.center[2] + self.half_extents[2])
         if self.kind == "sphere":
             return float(self.center[2] + self.radius)
-        if self.kind == "cylinder":
+        if self.kind in ("cylinder", "cup"):
             return float(self.center[2] + self.height / 2)
         return float("inf")
 
@@ -397,6 +409,30 @@ def _intersect(prim: Primitive, o: np.ndarray, dx: np.ndarray, dy: np.ndarray, d
                 ok = (tc > _EPS) & (xc * xc + yc * yc <= r2)
                 best = np.minimum(best, np.where(ok, tc, inf))
             return best
+        if prim.kind == "cup":
+            # every boundary point of the solid along the ray; the nearest one is the hit
+            oc = o - prim.center
+            hh = prim.height / 2
+            R, Ri = prim.radius, prim.radius - prim.wall
+            lo = -hh + prim.wall
+            a = dx * dx + dy * dy
+            b = dx * oc[0] + dy * oc[1]
+            best = np.full(np.shape(dx), inf)
+            for r_, z0 in ((R, -hh), (Ri, lo)):  # outer side, inner side (both roots)
+                disc = b * b - a * float(oc[0] ** 2 + oc[1] ** 2 - r_ * r_)
+                sq = np.sqrt(disc)
+                for ts in ((-b - sq) / a, (-b + sq) / a):
+                    zs = oc[2] + ts * dz
+                    best = np.minimum(best, np.where((disc >= 0) & (ts > _EPS) & (zs >= z0)
+                                                     & (zs <= hh), ts, inf))
+            for zc, r_lo, r_hi in ((hh, Ri, R), (lo, 0.0, Ri), (-hh, 0.0, R)):  # rim, bottoms
+                tc = (zc - oc[2]) / dz
+                xc = oc[0] + tc * dx
+                yc = oc[1] + tc * dy
+                rr = xc * xc + yc * yc
+                ok = (tc > _EPS) & (rr <= r_hi * r_hi) & (rr >= r_lo * r_lo)
+                best = np.minimum(best, np.where(ok, tc, inf))
+            return best
     raise ValueError(prim.kind)
 
 
@@ -448,6 +484,23 @@ def _normals(prim: Primitive, p: np.ndarray) -> np.ndarray:
         n[:, :2] = q[:, :2] / np.maximum(rad, 1e-12)[:, None]
         n[cap] = 0.0
         n[cap, 2] = np.sign(q[cap, 2])
+        return n
+    if prim.kind == "cup":
+        hh = prim.height / 2
+        R, Ri = prim.radius, prim.radius - prim.wall
+        lo = -hh + prim.wall
+        rad = np.hypot(q[:, 0], q[:, 1])
+        radial = q[:, :2] / np.maximum(rad, 1e-12)[:, None]
+        # distance to each face: outer side, inner side, rim / inner bottom (up), outer bottom
+        d = np.stack([np.abs(rad - R), np.abs(rad - Ri),
+                      np.where(rad >= Ri - 1e-9, np.abs(q[:, 2] - hh), np.abs(q[:, 2] - lo)),
+                      np.abs(q[:, 2] + hh)], 1)
+        face = d.argmin(1)
+        n = np.zeros_like(q)
+        n[face == 0, :2] = radial[face == 0]
+        n[face == 1, :2] = -radial[face == 1]
+        n[face == 2, 2] = 1.0
+        n[face == 3, 2] = -1.0
         return n
     raise ValueError(prim.kind)
 

@@ -48,6 +48,11 @@ answers):
 8. *Fragments* -- segments under ``min_segment_px`` pixels or shorter than
    ``min_object_extent_m`` (a bottle's cap cut off by its concave neck) -- join the neighbour
    they share the longest continuous border with, or are dropped when tiny.
+9. *Vessels* (:func:`revolution_joins`): a mug's, bowl's or pitcher's inside seen through the
+   opening shares no pixel border with its outer wall (the rim is a depth jump, and a band
+   without depth on structured-light cameras).  Segments that fit ONE surface of revolution
+   about the support's normal (same axis, radius and rim height) join, with the pieces of the
+   inside and the vessel's floor (``join_revolution``).
 
 Pixel sizes are given for a 640 px wide image and scale with the image.  Physical sizes assume a
 metric pointmap (the ``rgbd`` backend).
@@ -79,7 +84,8 @@ from ..mask_cache import relabel_consecutive
 from .base import Segmenter, as_uv
 
 __all__ = ["GeometricSegmenter", "camera_frame", "inverse_depth_noise", "depth_jumps",
-           "run_mean", "normals_from_inverse_depth", "structure_planes", "lccp_merge"]
+           "run_mean", "normals_from_inverse_depth", "structure_planes", "lccp_merge",
+           "revolution_joins"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +370,160 @@ def _tighten(structure, w, valid, z2, sigma_w, k, planes, uu, vv, win: int = 31)
 
 
 # ---------------------------------------------------------------------------------------------
+# surfaces of revolution about the support's normal (vessels seen through their opening)
+# ---------------------------------------------------------------------------------------------
+def _support_frame(planes, K):
+    """(N, up, e1, e2) of the support (the first structure plane, ``w = a u + b v + c`` in the
+    camera frame): points on it satisfy ``N . X = 1``; the height of X above it is
+    ``(1 - N . X) / |N|`` (positive on the camera's side); ``e1, e2`` span it.  None without a
+    structure plane."""
+    sp = [p for p in planes if p.get("structure")]
+    if not sp:
+        return None
+    a, b, c = sp[0]["coef"]
+    N = np.array([a * K[0, 0], b * K[1, 1], a * K[0, 2] + b * K[1, 2] + c], np.float64)
+    nn = float(np.linalg.norm(N))
+    if not np.isfinite(nn) or nn < 1e-12:
+        return None
+    up = -N / nn
+    ref = np.eye(3)[int(np.argmin(np.abs(up)))]
+    e1 = np.cross(up, ref)
+    e1 /= np.linalg.norm(e1)
+    return N, up, e1, np.cross(up, e1)
+
+
+def _revolution_solve(G, b, tt, st, n, sx, sy):
+    """Batched least-squares fit of ``x^2 + y^2 = 2 cx x + 2 cy y + k0 + k1 h + k2 h^2`` from
+    its normal equations: (axis (.., 2), mean radius (..), rms radial residual (..),
+    coefficients (.., 5))."""
+    beta = np.linalg.solve(G + 1e-12 * np.eye(5), b[..., None])[..., 0]
+    rss = np.maximum(tt - (beta * b).sum(-1), 0.0)
+    c = 0.5 * beta[..., :2]
+    nn = np.maximum(n, 1.0)
+    rho2 = (st - 2.0 * (c[..., 0] * sx + c[..., 1] * sy)) / nn + (c * c).sum(-1)
+    rho = np.sqrt(np.maximum(rho2, 1e-12))
+    return c, rho, np.sqrt(rss / nn) / (2.0 * rho), beta
+
+
+def revolution_joins(labels: np.ndarray, pc: np.ndarray, valid: np.ndarray, planes, K: np.ndarray,
+                     sigma_w: float, max_radius_m: float = 0.15, min_radius_m: float = 0.01,
+                     top_tol_m: float = 0.01, rel_tol: float = 0.05, stride: int = 2,
+                     min_samples: int = 30) -> np.ndarray:
+    """Pairs of segments (P, 2) that are two sides of ONE surface of revolution standing on the
+    support: a mug's, bowl's or pitcher's outer wall and its inside seen through the opening,
+    which no pixel joins (the rim is a depth discontinuity, often a band without depth) and
+    local convexity keeps apart.
+
+    Per segment (``labels`` 1..S; pixels 2 px inside it, every ``stride``-th): heights ``h``
+    above the support and coordinates ``(x, y)`` in it; a linear least-squares fit of
+    ``x^2 + y^2 = 2 c . (x, y) + k0 + k1 h + k2 h^2`` -- an axis perpendicular to the support
+    at ``c`` and a radius profile ``rho(h)^2`` quadratic in the height, exact for cylinders,
+    cones and spheres.  A segment is a *wall* when its mean radius is within
+    [``min_radius_m``, ``max_radius_m``], its horizontal extent is at least that radius (an
+    arc, not a patch) around an axis within 1.5 radii of it, and its rms radial residual is
+    within ``rel_tol`` x radius + 3 depth-noise levels.  Two walls join when their axes are
+    within 0.2 radii, their radii within 0.2 radii, their tops (98th height percentile: the
+    front and back rim) within ``top_tol_m``, and the fit of their union is a wall too.  Then
+    any other segment not above their rim joins them when 90 % of its points lie on the
+    union's surface (a piece of the inside cut off by its own concavity), or when it is
+    *level* (height spread within ``top_tol_m / 2``), below the rim, with 95 % of its points
+    inside the radius (the vessel's floor).  Flat
+    faces fit no axis near them; two objects side by side have axes two radii apart; a stack
+    has its tops apart.  Sums are accumulated with ``bincount`` and every pair is solved in
+    one batch."""
+    out = np.zeros((0, 2), np.int64)
+    S = int(labels.max()) + 1 if labels.size else 0
+    frame = _support_frame(planes, K)
+    if S < 3 or frame is None:
+        return out
+    N, up, e1, e2 = frame
+    L = labels
+    inner = L > 0
+    inner[2:-2] &= (L[:-4] == L[2:-2]) & (L[4:] == L[2:-2])
+    inner[:, 2:-2] &= (L[:, :-4] == L[:, 2:-2]) & (L[:, 4:] == L[:, 2:-2])
+    inner[:2] = False
+    inner[-2:] = False
+    inner[:, :2] = False
+    inner[:, -2:] = False
+    st_ = max(1, int(stride))
+    m = (inner & valid)[::st_, ::st_]
+    s = L[::st_, ::st_][m].astype(np.int64)
+    if s.size < min_samples:
+        return out
+    P = pc[::st_, ::st_][m].astype(np.float64)
+    h = (1.0 - P @ N) / np.linalg.norm(N)
+    x, y = P @ e1, P @ e2
+    x, y, hc = x - x.mean(), y - y.mean(), h - h.mean()  # conditioning; the model is invariant
+    t = x * x + y * y
+    X = np.stack([x, y, np.ones_like(x), hc, hc * hc], 1)
+
+    def bc(wt):
+        return np.bincount(s, weights=wt, minlength=S)
+
+    G = np.zeros((S, 5, 5))
+    for i in range(5):
+        for j in range(i, 5):
+            G[:, i, j] = G[:, j, i] = bc(X[:, i] * X[:, j])
+    b = np.stack([bc(X[:, i] * t) for i in range(5)], 1)
+    n = np.bincount(s, minlength=S).astype(np.float64)
+    sums = dict(b=b, tt=bc(t * t), st=bc(t), n=n, sx=bc(x), sy=bc(y))
+    c, rho, rms, _ = _revolution_solve(G, **sums)
+    nn = np.maximum(n, 1.0)
+    mx, my = sums["sx"] / nn, sums["sy"] / nn
+    cxx, cyy = bc(x * x) / nn - mx * mx, bc(y * y) / nn - my * my
+    cxy = bc(x * y) / nn - mx * my
+    lam = 0.5 * (cxx + cyy) + np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy ** 2)
+    ext = np.sqrt(12.0 * np.maximum(lam, 0.0))
+    z = bc(P[:, 2]) / nn
+    sig_z = 3.0 * sigma_w * z * z
+    # 98th height percentile per segment
+    o = np.lexsort((h, s))
+    start = np.searchsorted(s[o], np.arange(S))
+    cnt = n.astype(np.int64)
+    top = h[o][np.minimum(start + (0.98 * np.maximum(cnt - 1, 0)).astype(np.int64), s.size - 1)]
+    off = np.hypot(c[:, 0] - mx, c[:, 1] - my)
+    wall = ((n >= min_samples) & (rho >= min_radius_m) & (rho <= max_radius_m) & (ext >= rho)
+            & (off <= 1.5 * rho) & (rms <= rel_tol * rho + sig_z) & np.isfinite(rms))
+    wall[0] = False
+    wi = np.flatnonzero(wall)
+    if wi.size < 2:
+        return out
+    ia, ib = np.triu_indices(wi.size, 1)
+    i, j = wi[ia], wi[ib]
+    r_ = 0.5 * (rho[i] + rho[j])
+    near = ((np.hypot(*(c[i] - c[j]).T) <= 0.2 * r_) & (np.abs(rho[i] - rho[j]) <= 0.2 * r_)
+            & (np.abs(top[i] - top[j]) <= top_tol_m))
+    i, j = i[near], j[near]
+    if i.size == 0:
+        return out
+    cu, ru, rmsu, bu = _revolution_solve(G[i] + G[j], **{k: v[i] + v[j] for k, v in sums.items()})
+    ok = (rmsu <= rel_tol * ru + np.maximum(sig_z[i], sig_z[j])) & (ru <= max_radius_m)
+    pairs = [np.stack([i[ok], j[ok]], 1)]
+    # more of the same vessel: a piece of wall on the joined surface (the inside split by its
+    # own concavity), or its floor -- a level segment (height spread within half the rim
+    # tolerance) below the rim with its points inside the radius
+    free = (n >= min_samples)
+    free[0] = False
+    free[pairs[0].ravel()] = False
+    mh = G[:, 2, 3] / nn
+    level = np.sqrt(np.maximum(G[:, 3, 3] / nn - mh * mh, 0.0)) <= 0.5 * top_tol_m
+    r_s = None
+    for v, cv, rv, bv in zip(i[ok], cu[ok], ru[ok], bu[ok]):
+        cand = free & (top <= top[v] + top_tol_m)
+        if not cand.any():
+            continue
+        r_s = np.hypot(x - cv[0], y - cv[1])
+        r_model = np.sqrt(np.maximum(bv[2] + bv[3] * hc + bv[4] * hc * hc + cv @ cv, 0.0))
+        tol = rel_tol * rv + sig_z[v]
+        on = np.bincount(s, weights=(np.abs(r_s - r_model) <= tol).astype(np.float64), minlength=S) / nn
+        inside = np.bincount(s, weights=(r_s <= rv + tol).astype(np.float64), minlength=S) / nn
+        more = np.flatnonzero(cand & ((on >= 0.9) | (level & (top <= top[v] - top_tol_m) & (inside >= 0.95))))
+        pairs.append(np.stack([np.full(more.size, v), more], 1))
+        free[more] = False
+    return np.concatenate(pairs).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
 # atoms and local convexity
 # ---------------------------------------------------------------------------------------------
 def _components(mask: np.ndarray, eh: np.ndarray, ev: np.ndarray) -> np.ndarray:
@@ -634,7 +794,8 @@ class GeometricSegmenter(Segmenter):
     ``min_object_extent_m``; pixels at 640 px width ``smooth_px``, ``atom_px``, ``min_atom_px``,
     ``min_segment_px``, ``min_border_px``; ``color_same`` (Lab); ``crease_weight`` (watershed
     elevation per degree of crease); ``max_planes``; ``voxel`` / ``min_overlap`` for the
-    association across views; ``cache_size`` analysed views kept (refinement reuses them).
+    association across views; ``cache_size`` analysed views kept (refinement reuses them);
+    ``join_revolution`` joins a vessel's inside to its outer wall (step 9).
     Without a pointmap (or with under ``min_valid_frac`` valid depth) the classical colour
     segmenter (``classical_kwargs``) answers."""
 
@@ -648,7 +809,7 @@ class GeometricSegmenter(Segmenter):
                  smooth_px: int = 4, atom_px: int = 12, min_atom_px: int = 25,
                  min_segment_px: int = 150, min_border_px: int = 3, crease_weight: float = 2.0,
                  min_valid_frac: float = 0.05, voxel: Optional[float] = None,
-                 min_overlap: float = 0.25, cache_size: int = 8,
+                 min_overlap: float = 0.25, cache_size: int = 8, join_revolution: bool = True,
                  classical_kwargs: Optional[dict] = None):
         self.jump_k = float(jump_k)
         self.concave_deg = float(concave_deg)
@@ -669,6 +830,7 @@ class GeometricSegmenter(Segmenter):
         self.min_valid_frac = float(min_valid_frac)
         self.voxel = voxel
         self.min_overlap = float(min_overlap)
+        self.join_revolution = bool(join_revolution)
         self._classical_kwargs = dict(classical_kwargs or {})
         self._classical = None
         self._cache: "OrderedDict[str, dict]" = OrderedDict()
@@ -754,7 +916,8 @@ class GeometricSegmenter(Segmenter):
                         atom=max(4, int(round(self.atom_px * sc))),
                         min_atom=max(4, int(round(self.min_atom_px * sc * sc))),
                         min_segment=max(10, int(round(self.min_segment_px * sc * sc))),
-                        hyp=max(5, int(round(25 * sc))), tighten=max(5, int(round(31 * sc))))
+                        hyp=max(5, int(round(25 * sc))), tighten=max(5, int(round(31 * sc))),
+                        sample=max(1, int(round(2 * sc))))
         ws = run_mean(w, eh, px["smooth"])
         ws = run_mean(ws.T, ev.T, px["smooth"]).T
         normals, n_ok = normals_from_inverse_depth(ws, K, eh, ev)
@@ -817,9 +980,23 @@ class GeometricSegmenter(Segmenter):
         seg = self._merge(A, ea, eb, cnt, merge, st, px)
         labels = np.zeros((H, W), np.int32)
         labels[atoms >= 0] = seg[atoms[atoms >= 0]]
+        joins = np.zeros((0, 2), np.int64)
+        if self.join_revolution:
+            # a vessel's outer wall and its inside seen through the opening: one object
+            joins = revolution_joins(labels, pc, valid, planes, K, sigma_w,
+                                     max_radius_m=0.5 * self.structure_extent_m,
+                                     top_tol_m=self.plane_band_m, stride=px["sample"])
+        if joins.size:
+            S1 = int(seg.max()) + 1
+            g = coo_matrix((np.ones(len(joins), np.int8), (joins[:, 0], joins[:, 1])), shape=(S1, S1))
+            nc, comp = connected_components(g, directed=False)
+            root = np.full(nc, S1, np.int64)
+            np.minimum.at(root, comp, np.arange(S1))
+            seg = relabel_consecutive(root[comp][seg]).astype(np.int64)
+            labels[atoms >= 0] = seg[atoms[atoms >= 0]]
         # path costs for refinement: concavity (in units of the cut angle) + colour difference
         cost = 1e-3 + concave_ang / max(self.concave_deg, 1e-6) + cdist / 20.0 + np.where(merge, 0.0, 10.0)
-        info.update(labels=labels, seg_of_atom=seg, ea=ea, eb=eb, cnt=cnt, merge=merge,
+        info.update(labels=labels, seg_of_atom=seg, ea=ea, eb=eb, cnt=cnt, merge=merge, joins=joins,
                     concave_ang=concave_ang, convex=convex, cdist=cdist, cost=cost, stats=st)
         return info
 
