@@ -62,3 +62,73 @@ def test_network_pointmaps_are_not_presegmented_ahead():
     from wildseg3d_ros.core.pointmaps.rgbd import RgbdBackend
     assert PointmapBackend.pointmaps_per_keyframe is False  # dust3r, sfm: pointmaps depend on the pairs
     assert RgbdBackend.pointmaps_per_keyframe is True
+
+
+def test_a_pair_being_registered_elsewhere_is_waited_for_not_registered_twice(kfs):
+    """The node registers queued pairs on a thread of its own; a reconstruction that starts
+    meanwhile needs the same pair: the backend waits for that registration and reuses it."""
+    import threading
+    import time
+
+    pipe = ReconstructionPipeline(PipelineConfig(segmenter="geometric", iterations=30))
+    for kf in kfs:
+        pipe.backend.prepare(kf)
+    be = pipe.backend
+    real = be.register_pair
+    started, calls = threading.Event(), []
+
+    def slow(*a, **k):
+        calls.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.3)
+        return real(*a, **k)
+
+    be.register_pair = slow
+    fr = [be._frame(kf) for kf in kfs[:2]]
+    t = threading.Thread(target=be._cached_registration, args=(kfs[0], kfs[1], fr[0], fr[1], 0, 1),
+                         name="pair-prepare")
+    t.start()
+    assert started.wait(5)
+    reg, err, computed = be._cached_registration(kfs[0], kfs[1], fr[0], fr[1], 0, 1)
+    t.join()
+    assert calls == ["pair-prepare"] and not computed and err is None and reg is not None
+    be.register_pair = real
+
+
+def test_pairs_prepared_on_another_thread_beside_keyframes_and_runs(kfs):
+    """prepare() queues a keyframe's pairs as soon as its features are ready (the callback fires)
+    and prepare_pending_pairs() registers them without the pipeline's lock, concurrently with
+    prepare() and run(); the scene equals a cold reconstruction's."""
+    import threading
+
+    cold, _ = ReconstructionPipeline(PipelineConfig(segmenter="geometric", iterations=30)).run(kfs)
+    pipe = ReconstructionPipeline(PipelineConfig(segmenter="geometric", iterations=30))
+    queued = threading.Event()
+    pipe.on_pairs_queued = queued.set
+    stop = threading.Event()
+    errors = []
+
+    def pair_loop():
+        try:
+            while not stop.is_set():
+                if pipe.pending_pair_count() and not pipe.reconstruction_starting():
+                    pipe.prepare_pending_pairs(1)
+                else:
+                    queued.wait(0.01)
+                    queued.clear()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    th = threading.Thread(target=pair_loop)
+    th.start()
+    try:
+        for kf in kfs:
+            pipe.prepare(kf)
+        scene, _ = pipe.run(kfs)
+    finally:
+        stop.set()
+        th.join()
+    assert not errors
+    assert not pipe.reconstruction_starting()
+    np.testing.assert_array_equal(scene.mask_cache.labels, cold.mask_cache.labels)
+    np.testing.assert_allclose(scene.poses, cold.poses, atol=1e-6)

@@ -39,8 +39,10 @@ class ReconstructionPipeline:
         self.backend = BACKENDS.create(cfg.backend, **_with_device(BACKENDS, cfg.backend, cfg.backend_kwargs, cfg.device))
         self.segmenter = SEGMENTERS.create(cfg.segmenter, **_with_device(SEGMENTERS, cfg.segmenter,
                                                                           cfg.segmenter_kwargs, cfg.device))
-        # prepare() and run() share the backend and segmenter: one at a time
+        # prepare() and run() share the backend and segmenter: one at a time; pair preparation
+        # only needs the backend's (thread-safe) caches, so it runs beside them
         self._lock = threading.RLock()
+        self._pair_lock = threading.Lock()  # takes the next queued pair
         self._masks: "OrderedDict[str, np.ndarray]" = OrderedDict()  # keyframe content -> local masks
         self.mask_cache_size = 16
         # the keyframes prepared last, in order: the partners of the next one's pairs
@@ -48,6 +50,8 @@ class ReconstructionPipeline:
         self.accepted_window = 8
         self._run_waiting = threading.Event()
         self._pending_pairs: "deque" = deque(maxlen=64)  # (earlier keyframe, keyframe) to register
+        #: called (no arguments) when prepare() has queued pairs: a node wakes its pair thread
+        self.on_pairs_queued: Optional[Callable[[], None]] = None
 
     def prepare(self, kf: Keyframe) -> bool:
         """Per-keyframe work ahead of :meth:`run`, e.g. when the keyframe is accepted: the
@@ -56,7 +60,9 @@ class ReconstructionPipeline:
         keyframes prepared before it (the partners the scene graph gives over the last
         ``accepted_window`` prepared keyframes) are queued for :meth:`prepare_pending_pairs`.
         Cached by content, so the reconstruction that includes this keyframe skips that work. Returns True when the
-        keyframe's masks are now prepared. Waits while a reconstruction runs."""
+        keyframe's masks are now prepared. Waits while a reconstruction runs.  The pairs are
+        queued as soon as the backend's part is done, so :meth:`prepare_pending_pairs` on another
+        thread can register them while this keyframe is pre-segmented."""
         with self._lock:
             key = kf.content_key()
             if key in self._masks:
@@ -64,24 +70,36 @@ class ReconstructionPipeline:
             cam = self.backend.prepare(kf)
             if cam is None or not self.backend.pointmaps_per_keyframe:
                 return False  # the geometry comes from pairing (networks, stereo): segmented in run()
+            queued = self._accept(kf)
+            self._pending_pairs.extend((p, kf) for p in queued)
+            if queued and self.on_pairs_queued is not None:
+                self.on_pairs_queued()
             pts, valid = cam if self._presegment_geometry else (None, None)
             self._remember_masks(key, self.segmenter.automatic_masks(kf.rgb, pts, valid))
-            self._pending_pairs.extend((p, kf) for p in self._accept(kf))
             return True
 
     def prepare_pending_pairs(self, max_pairs: Optional[int] = None) -> int:
         """Register up to ``max_pairs`` (None: all) of the pairs the prepared keyframes queued
-        (:meth:`prepare`), one at a time, each under the lock: a reconstruction that wants to start
-        waits for one registration at most and registers the pairs left itself. Meant for idle
-        time, after the keyframes' own work (a node calls it when no keyframe waits). Returns
-        the number of pairs still queued."""
+        (:meth:`prepare`), one at a time, without the lock of :meth:`prepare` and :meth:`run` (a
+        node calls this on a thread of its own, beside the keyframes' own work; the backend's
+        caches are thread-safe): while a reconstruction runs no pair is handed out, it registers
+        the pairs left itself (waiting for one being registered here). Returns the number of
+        pairs still queued."""
         n = 0
         while self._pending_pairs and (max_pairs is None or n < max_pairs) and not self._run_waiting.is_set():
-            with self._lock:
+            with self._pair_lock:
                 if not self._pending_pairs:
                     break
                 partner, kf = self._pending_pairs.popleft()
-                n += self.backend.prepare_pairs(kf, [partner])
+            n += self.backend.prepare_pairs(kf, [partner])
+        return len(self._pending_pairs)
+
+    def reconstruction_starting(self) -> bool:
+        """True while :meth:`run` waits for the pair being registered (no pair is handed out)."""
+        return self._run_waiting.is_set()
+
+    def pending_pair_count(self) -> int:
+        """How many queued pairs :meth:`prepare_pending_pairs` has not registered yet."""
         return len(self._pending_pairs)
 
     def _accept(self, kf: Keyframe) -> List[Keyframe]:
@@ -102,10 +120,14 @@ class ReconstructionPipeline:
     def run(self, keyframes: Sequence[Keyframe], cancel: Optional[Callable[[], bool]] = None,
             progress: Optional[Callable[[str, float], None]] = None, frame_id: str = "map"):
         """Returns (AlignedScene, timings dict in seconds). Raises PipelineError / errors.Cancelled."""
-        self._run_waiting.set()  # prepare() stops handing out pair registrations
-        with self._lock:
-            self._run_waiting.clear()
-            return self._run(keyframes, cancel, progress, frame_id)
+        with self._lock:  # after the keyframe being prepared (pairs keep being registered meanwhile)
+            # prepare_pending_pairs() hands out no more pairs; one being registered is finished
+            # on its thread, and the backend waits for it if this run needs it
+            self._run_waiting.set()
+            try:
+                return self._run(keyframes, cancel, progress, frame_id)
+            finally:
+                self._run_waiting.clear()
 
     def _run(self, keyframes, cancel, progress, frame_id):
         from .align import align_global

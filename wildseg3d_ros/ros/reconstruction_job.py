@@ -4,8 +4,9 @@ winding down is waited for by the next one (the pipeline objects are not shared)
 
 Accepted keyframes are prepared ahead on a second thread (``keyframes.prepare_ahead``:
 ``ReconstructionPipeline.prepare``: the backend's per-keyframe features, the pre-segmentation
-when the keyframe's geometry is known; then, while no keyframe waits, their pairs with the earlier
-keyframes: ``prepare_pending_pairs``), so a reconstruction starts with that work done.
+when the keyframe's geometry is known) and their pairs with the earlier keyframes on a third
+(``prepare_pending_pairs``: queued as soon as a keyframe's features are, registered while it is
+pre-segmented), so a reconstruction starts with that work done.
 
 A mixin of ReconstructionNode: expects ``_lock``, ``_buffer``, ``params``, ``stats``, ``log``,
 ``_stop``, ``_pipeline``, ``_ensure_pipeline()``, ``_publish_scene()`` and ``_save_scene()`` on
@@ -35,29 +36,39 @@ class ReconstructionJobMixin:
         # keyframes waiting for their per-keyframe work (features, pre-segmentation), newest last
         self._prep_queue: "collections.deque" = collections.deque(maxlen=4)
         self._prep_wake = threading.Event()
+        self._pairs_wake = threading.Event()
         self._prep_thread = threading.Thread(target=self._prepare_loop, name="keyframe-prepare", daemon=True)
         self._prep_thread.start()
+        self._pair_thread = threading.Thread(target=self._pair_loop, name="pair-prepare", daemon=True)
+        self._pair_thread.start()
+
+    def _pair_loop(self):
+        """Pair preparation thread: the pairs the prepared keyframes queued, one at a time,
+        beside the keyframe preparation (a keyframe's pairs are queued as soon as its features
+        are, so they are registered while it is pre-segmented); a reconstruction that starts
+        waits for one registration at most and registers the rest itself."""
+        while not self._stop.is_set():
+            pipe = self._pipeline
+            left = 0
+            if pipe is not None and self.params["keyframes.prepare_ahead"]:
+                try:
+                    if pipe.reconstruction_starting():
+                        self._stop.wait(0.05)  # it registers the pairs left itself
+                        continue
+                    left = pipe.prepare_pending_pairs(1) if pipe.pending_pair_count() else 0
+                except Exception as e:  # the reconstruction registers the pair itself then
+                    left = 0
+                    self.stats["keyframe_prepare_errors"] += 1
+                    self.internal_error("keyframe pair preparation", e)
+            if not left:
+                self._pairs_wake.wait(0.5)
+                self._pairs_wake.clear()
 
     def _prepare_loop(self):
         """Keyframe preparation thread: what each keyframe needs on its own is done while the
         camera keeps streaming, so the reconstruction starts with it done (it waits while a
         reconstruction runs; the reconstruction does whatever is not prepared yet)."""
-        pairs_left = 0
         while not self._stop.is_set():
-            if pairs_left and not self._prep_queue:
-                # idle: the queued pairs of the prepared keyframes, one at a time (a keyframe that
-                # arrives meanwhile, or a reconstruction that starts, goes first)
-                try:
-                    pipe = self._pipeline
-                    left = pipe.prepare_pending_pairs(1) if pipe is not None else 0
-                    if left and left == pairs_left:
-                        self._prep_wake.wait(0.05)  # nothing done: a reconstruction is starting
-                    pairs_left = left
-                except Exception as e:  # the reconstruction registers the pair itself then
-                    pairs_left = 0
-                    self.stats["keyframe_prepare_errors"] += 1
-                    self.internal_error("keyframe pair preparation", e)
-                continue
             self._prep_wake.wait(0.5)
             self._prep_wake.clear()
             while self._prep_queue and not self._stop.is_set():
@@ -71,7 +82,6 @@ class ReconstructionJobMixin:
                 try:
                     if pipe.prepare(kf):
                         self.stats["keyframes_prepared"] += 1
-                        pairs_left = 1  # look for queued pairs once the keyframes are done
                 except Exception as e:  # the reconstruction does the work itself then
                     self.stats["keyframe_prepare_errors"] += 1
                     self.internal_error("keyframe preparation", e)

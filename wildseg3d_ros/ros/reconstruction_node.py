@@ -144,6 +144,7 @@ class ReconstructionNode(ReconstructionJobMixin, SceneOutputMixin, NodeCommonMix
                 self._pipeline_error = msg
                 self.last_error = msg
             return None
+        pipe.on_pairs_queued = self._pairs_wake.set  # the pair thread registers them
         with self._lock:
             self._pipeline, self._pipeline_key, self._pipeline_error = pipe, key, None
         return pipe

@@ -242,7 +242,8 @@ class _Frame:
 
 def _match(desc_a: np.ndarray, desc_b: np.ndarray, binary: bool, ratio: float
            ) -> Tuple[np.ndarray, np.ndarray]:
-    """Mutual nearest neighbours passing the ratio test; returns index arrays (ia, ib)."""
+    """Mutual nearest neighbours passing the ratio test; returns index arrays (ia, ib), one a
+    per b (binary descriptors' tied distances: the first a)."""
     if desc_a is None or desc_b is None or len(desc_a) < 2 or len(desc_b) < 2:
         return np.zeros(0, int), np.zeros(0, int)
     import torch
@@ -253,30 +254,38 @@ def _match(desc_a: np.ndarray, desc_b: np.ndarray, binary: bool, ratio: float
     else:
         a = torch.from_numpy(np.ascontiguousarray(desc_a, dtype=np.float32))
         b = torch.from_numpy(np.ascontiguousarray(desc_b, dtype=np.float32))
-    # squared distances by matrix products (torch: BLAS, threads); Hamming = squared L2 of bits.
-    # Row blocks keep each distance block in cache: the two nearest b of every a (ratio test) and
-    # a running nearest a of every b (mutual check) from one pass, ~1.6x faster than one matrix
+    # squared distances by one matrix product per row block (torch: BLAS, threads) of augmented
+    # descriptors, [a, |a|^2, 1] . [-2 b, 1, |b|^2] = |a - b|^2 (Hamming = squared L2 of bits),
+    # so no broadcast sum is materialised.  Per block: the two nearest b of every a (ratio test)
+    # and a running minimum over a of every b's distance (mutual check: a's nearest b must have
+    # a as its nearest, i.e. their distance is that b's minimum)
     n, blk = len(a), 256
-    na, nb = (a * a).sum(1), (b * b).sum(1)
-    bT = b.T.contiguous()
+    one_a, one_b = torch.ones(n, 1), torch.ones(len(b), 1)
+    a_aug = torch.cat([a, (a * a).sum(1, keepdim=True), one_a], 1)
+    bT = torch.cat([-2.0 * b, one_b, (b * b).sum(1, keepdim=True)], 1).T.contiguous()
     two = torch.empty(n, 2)
     best = torch.empty(n, dtype=torch.long)
     col_min = torch.full((len(b),), float("inf"))
-    back = torch.zeros(len(b), dtype=torch.long)
     for s in range(0, n, blk):
-        D = torch.addmm(na[s:s + blk, None] + nb[None, :], a[s:s + blk], bT, alpha=-2.0).clamp_min_(0.0)
+        D = a_aug[s:s + blk] @ bT
         t2, i2 = D.topk(2, dim=1, largest=False)
         two[s:s + blk] = t2
         best[s:s + blk] = i2[:, 0]
-        m, am = D.min(0)
-        upd = m < col_min  # strict: the first block wins ties, as a single argmin would
-        col_min = torch.where(upd, m, col_min)
-        back = torch.where(upd, am + s, back)
+        torch.minimum(col_min, D.amin(0), out=col_min)
     ia = torch.arange(n)
-    d1, d2 = two[:, 0], two[:, 1]
+    d1, d2 = two[:, 0].clamp_min(0.0), two[:, 1].clamp_min(0.0)
+    mutual = d1 <= col_min[best].clamp_min(0.0)
     if not binary:  # the ratio test on distances, not their squares
         d1, d2 = d1.sqrt(), d2.sqrt()
-    keep = (d1 < ratio * d2) & (back[best] == ia)
+    keep = (d1 < ratio * d2) & mutual
+    if binary and keep.any():
+        # integer Hamming distances tie: one a per b (the first), so matches stay one-to-one
+        kb = best[keep]
+        ki = ia[keep]
+        first = torch.ones_like(kb, dtype=torch.bool)
+        o = torch.argsort(kb * n + ki)
+        first[o[1:]] = kb[o[1:]] != kb[o[:-1]]
+        keep[ki[~first]] = False
     return ia[keep].numpy(), best[keep].numpy()
 
 
@@ -380,6 +389,8 @@ class RgbdBackend(PointmapBackend):
         #: registrations done ahead (prepare_pairs) by (key_i, key_j, prior): (PairRegistration | None, error)
         self.pair_cache_size = 64
         self._pairs: "OrderedDict[tuple, tuple]" = OrderedDict()
+        #: registrations being computed now, by the same key: another thread waits for it
+        self._pairs_inflight: Dict[tuple, threading.Event] = {}
 
     # -- per keyframe ------------------------------------------------------------------------
     def prepare(self, keyframe: Keyframe):
@@ -397,22 +408,37 @@ class RgbdBackend(PointmapBackend):
     def _cached_registration(self, a: Keyframe, b: Keyframe, fr_a: "_Frame", fr_b: "_Frame", i: int, j: int):
         """(PairRegistration or None, error or None, computed now) of keyframe b to keyframe a
         (their prepared frames fr_a, fr_b): from the pair cache (by content and prior) or
-        registered now and remembered."""
+        registered now and remembered; when another thread is registering the same pair (the
+        node's pair preparation while a reconstruction starts), its result is waited for."""
         prior = _pair_prior(a, b)
         key = (a.content_key(), b.content_key(), None if prior is None else prior.tobytes())
         with self._frames_lock:
             hit = self._pairs.get(key)
+            busy = self._pairs_inflight.get(key) if hit is None else None
+            if hit is None and busy is None:
+                done = self._pairs_inflight[key] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            with self._frames_lock:
+                hit = self._pairs.get(key)
+            if hit is None:  # it failed unexpectedly (or was evicted): register here
+                return self._cached_registration(a, b, fr_a, fr_b, i, j)
         if hit is not None:
             return hit[0], hit[1], False
         try:
-            res = (self.register_pair(fr_a, fr_b, prior, i, j), None)
-        except BackendError as e:
-            res = (None, str(e))
-        with self._frames_lock:
-            self._pairs[key] = res
-            self._pairs.move_to_end(key)
-            while len(self._pairs) > self.pair_cache_size:
-                self._pairs.popitem(last=False)
+            try:
+                res = (self.register_pair(fr_a, fr_b, prior, i, j), None)
+            except BackendError as e:
+                res = (None, str(e))
+            with self._frames_lock:
+                self._pairs[key] = res
+                self._pairs.move_to_end(key)
+                while len(self._pairs) > self.pair_cache_size:
+                    self._pairs.popitem(last=False)
+        finally:
+            with self._frames_lock:
+                self._pairs_inflight.pop(key, None)
+            done.set()
         return res[0], res[1], True
 
     def _frame(self, kf: Keyframe) -> "_Frame":
