@@ -183,6 +183,8 @@ def test_bad_input_battery_across_processes(ros, seq, tmp_path):
         b.p_obj, b.uv = click_point_on_object(scene, labels, lbl)
         assert wait_for(lambda: b.values("segmentation_node").get("scene", "none") != "none", 30)
         sid = b.values("segmentation_node")["scene_id"]
+        # the reconstruction node's diagnostics may predate its scene (they are periodic)
+        assert wait_for(lambda: b.values("reconstruction_node").get("scene", "none") != "none", 30)
         rec_scene = b.values("reconstruction_node")["scene"]
         b.good_click_answered()
 
