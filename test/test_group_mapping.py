@@ -235,6 +235,13 @@ def test_objects_are_computed_on_first_use_and_warm_gives_the_same_segments(clas
     assert ahead.pending_work() == len(ahead.object_ids()) + 1          # the KD-tree first
     assert ahead.warm(2) == len(ahead.object_ids()) - 1
     assert ahead.warm() == 0 and ahead.pending_objects() == []
+    # without the index (a node builds it on another thread with build_index)
+    objs_only = GroupMapper(sc)
+    assert objs_only.pending_work(index=False) == len(objs_only.object_ids())
+    assert objs_only.warm(1, index=False) == len(objs_only.object_ids()) - 1
+    assert objs_only.warm(index=False) == 0 and objs_only._tree is None and objs_only.pending_work() == 1
+    objs_only.build_index()
+    assert objs_only._tree is not None and objs_only.pending_work() == 0
     # 3D prompts: the KD-tree built by warm() and the window search before it agree
     rng = np.random.default_rng(5)
     v, r, c = np.nonzero(valid)

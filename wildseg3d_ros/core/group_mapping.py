@@ -313,17 +313,20 @@ class GroupMapper:
             todo = [i for i in self._raw if i not in self._objects]
         return sorted(todo, key=lambda i: -self._raw[i].size)
 
-    def pending_work(self) -> int:
-        """Units of work :meth:`warm` has left: the KD-tree (when not built) and the pending objects."""
-        return int(self._tree is None) + len(self.pending_objects())
+    def pending_work(self, index: bool = True) -> int:
+        """Units of work :meth:`warm` has left: the KD-tree (when not built; with ``index``) and
+        the pending objects."""
+        return int(index and self._tree is None) + len(self.pending_objects())
 
-    def warm(self, max_units: Optional[int] = None) -> int:
+    def warm(self, max_units: Optional[int] = None, index: bool = True) -> int:
         """Do up to ``max_units`` (None: all) units of the work left: first the KD-tree that then
-        answers 3D prompts (until it exists the window search does, with the same answers), then
-        the pending object segments (and their negative keys), largest first. Returns the units
-        left. A node calls it while idle so that no click pays for it."""
+        answers 3D prompts (until it exists the window search does, with the same answers; not
+        with ``index=False``: :meth:`build_index` on another thread), then the pending object
+        segments (and their negative keys), largest first. Returns the units left (as
+        :meth:`pending_work` with the same ``index``). A node calls it while idle so that no
+        click pays for it."""
         n = None if max_units is None else max(0, int(max_units))
-        if self._tree is None and (n is None or n > 0):
+        if index and self._tree is None and (n is None or n > 0):
             self._build_tree()
             n = None if n is None else n - 1
         todo = self.pending_objects()
@@ -331,7 +334,14 @@ class GroupMapper:
         for i in todo[:n]:
             self._object(i)
             self._negative_keys([i])
-        return self.pending_work()
+        return self.pending_work(index)
+
+    def build_index(self) -> None:
+        """Build the KD-tree now (no-op when built). Thread-safe, and scipy releases the GIL while
+        building, so a node runs it on a thread of its own while its worker answers clicks (the
+        largest unit of :meth:`warm`: 50-70 ms for 5 x 512x384)."""
+        if self._tree is None:
+            self._build_tree()
 
     def _build_tree(self) -> None:
         pts, labels = self.grid_points()

@@ -17,7 +17,11 @@ current scene and parameters, replay the prompts, republish) — std_srvs/Trigge
 
 All work runs in one worker thread fed by a queue (scene preparation, prompts in arrival
 order); callbacks only enqueue, so services and parameters always answer. No exception ends a
-callback, a service (it always replies) or the worker.
+callback, a service (it always replies) or the worker. Two helper threads: one hashes a new
+scene's identity while the worker decodes it; one, at a lower CPU priority, computes the new
+scene's object segments (largest first) and then its KD-tree, so the worker is free when the
+first click comes (it waits at most for the object being computed; until the tree exists an
+exact window search in the keyframes answers, with the same results).
 
 Matching answers to prompts (ros/object_output.py): an object cloud's header.stamp is the stamp
 of the prompt it answers; wildseg3d/prompt_status says for every prompt if it was answered or
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import queue
 import threading
 import time
@@ -92,6 +97,15 @@ PARAMS = [
 ]
 
 
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is a task with its own nice
+    value); nothing where that is not possible."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
 class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMixin, Node):
     REFUSE_LEVEL = "warning"  # a bad prompt is the operator's, not the node's, fault
     DIAG_NAME = "segmentation_node"
@@ -117,9 +131,11 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._held: List[tuple] = []  # prompt items waiting for a scene
         self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
-        self._warm_left = 0  # GroupMapper.warm units (KD-tree, objects) of the current scene not done yet
         self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
+        # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
+        self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_warm")
+        self._warm_gen = 0
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
         self.last_error = ""
@@ -208,16 +224,13 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         except Exception as e:  # never fatal: the first scene then pays for it
             self.get_logger().warning(f"warm-up skipped ({type(e).__name__}: {e})")
         while not self._stop.is_set():
-            warming = self.session is not None and self._warm_left > 0
             try:
-                item = self._q.get_nowait() if warming else self._q.get(timeout=0.05 if self._held else 0.2)
+                item = self._q.get(timeout=0.05 if self._held else 0.2)
             except queue.Empty:
                 item = None
             try:
                 if item is not None:
                     self._dispatch(item)
-                elif warming:  # idle: one more unit of the new scene's mapper, so that no click pays for it
-                    self._warm_left = self.session.mapper.warm(1)
                 elif self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
                     release_free_heap()
@@ -227,6 +240,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             except Exception as e:  # keep the worker alive whatever happens
                 self.stats["worker_errors"] += 1
                 self.internal_error(f"{item[0] if item else 'held prompt'}", e)
+            # a scene message (~30 MB) is freed now, not when the next item (a click) arrives
+            item = None
 
     def _dispatch(self, item):
         if item[0] == "scene":
@@ -262,9 +277,27 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         from ..core.prompts.session import InteractiveSession
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
                              min_agree_frac=self.params["mgm.min_consistency"])
-        self._warm_left = mapper.pending_work()  # KD-tree and objects, done while idle (work loop)
+        # the objects' segments (largest first) and then the KD-tree are computed on a thread of
+        # their own, so the worker is free for the first click (which waits at most for the
+        # object being computed; scipy and most of numpy release the GIL)
+        self._warm_gen += 1
+        self._warm_pool.submit(self._warm_mapper, mapper, self._warm_gen)
         return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
                                   max_click_dist=self.params["prompt.max_distance_m"])
+
+    def _warm_mapper(self, mapper, gen: int):
+        """The mapper's pending work, one unit at a time, given up when a newer scene arrives:
+        the object segments, then the KD-tree (clicks meanwhile are answered by the exact window
+        search). The thread runs at a lower CPU priority than the worker, so a click does not
+        share a core with it."""
+        try:
+            _lower_thread_priority()
+            while gen == self._warm_gen and not self._stop.is_set() and mapper.warm(1, index=False):
+                pass
+            if gen == self._warm_gen and not self._stop.is_set():
+                mapper.build_index()
+        except Exception as e:  # clicks compute what they need themselves (the window search
+            self.internal_error("scene warm-up", e)  # answers without the index)
 
     def _load_scene(self, t_recv: float, msg: PointCloud2):
         t0 = time.perf_counter()
@@ -389,6 +422,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         if self._worker.is_alive() and threading.current_thread() is not self._worker:
             self._worker.join(timeout=2.0)  # no publish on a destroyed publisher
         self._id_pool.shutdown(wait=False)
+        self._warm_pool.shutdown(wait=False)
         return super().destroy_node()
 
 
