@@ -95,7 +95,7 @@ class ReconstructionPipeline:
         return len(self._pending_pairs)
 
     def reconstruction_starting(self) -> bool:
-        """True while :meth:`run` waits for the pair being registered (no pair is handed out)."""
+        """True while :meth:`run` runs: :meth:`prepare_pending_pairs` hands out no pair then."""
         return self._run_waiting.is_set()
 
     def pending_pair_count(self) -> int:

@@ -45,8 +45,9 @@ class ReconstructionJobMixin:
     def _pair_loop(self):
         """Pair preparation thread: the pairs the prepared keyframes queued, one at a time,
         beside the keyframe preparation (a keyframe's pairs are queued as soon as its features
-        are, so they are registered while it is pre-segmented); a reconstruction that starts
-        waits for one registration at most and registers the rest itself."""
+        are, so they are registered while it is pre-segmented); none is handed out while a
+        reconstruction runs: it registers the pairs left itself (and waits for the one in flight
+        here only if it needs it)."""
         while not self._stop.is_set():
             pipe = self._pipeline
             left = 0
@@ -61,8 +62,9 @@ class ReconstructionJobMixin:
                     self.stats["keyframe_prepare_errors"] += 1
                     self.internal_error("keyframe pair preparation", e)
             if not left:
-                self._pairs_wake.wait(0.5)
-                self._pairs_wake.clear()
+                self._pairs_wake.clear()  # then look again: a wake-up set meanwhile is kept
+                if not (pipe is not None and self.params["keyframes.prepare_ahead"] and pipe.pending_pair_count()):
+                    self._pairs_wake.wait(0.5)
 
     def _prepare_loop(self):
         """Keyframe preparation thread: what each keyframe needs on its own is done while the

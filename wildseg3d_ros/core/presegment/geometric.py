@@ -396,7 +396,8 @@ def _revolution_solve(G, b, tt, st, n, sx, sy):
     """Batched least-squares fit of ``x^2 + y^2 = 2 cx x + 2 cy y + k0 + k1 h + k2 h^2`` from
     its normal equations: (axis (.., 2), mean radius (..), rms radial residual (..),
     coefficients (.., 5))."""
-    beta = np.linalg.solve(G + 1e-12 * np.eye(5), b[..., None])[..., 0]
+    tr = np.trace(G, axis1=-2, axis2=-1)[..., None, None]
+    beta = np.linalg.solve(G + (1e-9 * tr + 1e-12) * np.eye(5), b[..., None])[..., 0]
     rss = np.maximum(tt - (beta * b).sum(-1), 0.0)
     c = 0.5 * beta[..., :2]
     nn = np.maximum(n, 1.0)
@@ -983,9 +984,12 @@ class GeometricSegmenter(Segmenter):
         joins = np.zeros((0, 2), np.int64)
         if self.join_revolution:
             # a vessel's outer wall and its inside seen through the opening: one object
-            joins = revolution_joins(labels, pc, valid, planes, K, sigma_w,
-                                     max_radius_m=0.5 * self.structure_extent_m,
-                                     top_tol_m=self.plane_band_m, stride=px["sample"])
+            try:
+                joins = revolution_joins(labels, pc, valid, planes, K, sigma_w,
+                                         max_radius_m=0.5 * self.structure_extent_m,
+                                         top_tol_m=self.plane_band_m, stride=px["sample"])
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+                joins = np.zeros((0, 2), np.int64)  # degenerate geometry: nothing is joined
         if joins.size:
             S1 = int(seg.max()) + 1
             g = coo_matrix((np.ones(len(joins), np.int8), (joins[:, 0], joins[:, 1])), shape=(S1, S1))
