@@ -109,15 +109,19 @@ class Battery:
 
     def frame(self, i, stamp, image=None, depth=None, pose=True, info=True, pose_frame="map"):
         s = self.seq
+        if pose:
+            # the odometry of the frame's instant first: under load, odometry sent after the
+            # image could miss the pairing window, and a 96x72 keyframe without its pose may not
+            # register (the reconstruction then fails on a disconnected pair graph, correctly,
+            # but this battery is about bad input, not about late odometry)
+            m = Odometry(header=convert.make_header(pose_frame, stamp), child_frame_id="camera")
+            m.pose.pose = convert.matrix_to_pose(s.poses[i])
+            self.pub["odom"].publish(m)
         if info:
             self.pub["info"].publish(convert.make_camera_info(s.K, W, H, stamp, "camera"))
         self.pub["depth"].publish(depth if depth is not None else
                                   convert.array_to_image(s.depth[i], "32FC1", stamp, "camera"))
         self.pub["image"].publish(image if image is not None else convert.array_to_image(s.rgb[i], "rgb8", stamp, "camera"))
-        if pose:
-            m = Odometry(header=convert.make_header(pose_frame, stamp), child_frame_id="camera")
-            m.pose.pose = convert.matrix_to_pose(s.poses[i])
-            self.pub["odom"].publish(m)
 
     def rec_counter(self, key):
         return int(self.values("reconstruction_node").get(key, "0"))
