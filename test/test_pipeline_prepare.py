@@ -111,7 +111,7 @@ def test_pairs_prepared_on_another_thread_beside_keyframes_and_runs(kfs):
     def pair_loop():
         try:
             while not stop.is_set():
-                if pipe.pending_pair_count() and not pipe.reconstruction_starting():
+                if pipe.pending_pair_count() and not pipe.reconstructing():
                     pipe.prepare_pending_pairs(1)
                 else:
                     queued.wait(0.01)
@@ -129,6 +129,6 @@ def test_pairs_prepared_on_another_thread_beside_keyframes_and_runs(kfs):
         stop.set()
         th.join()
     assert not errors
-    assert not pipe.reconstruction_starting()
+    assert not pipe.reconstructing()
     np.testing.assert_array_equal(scene.mask_cache.labels, cold.mask_cache.labels)
     np.testing.assert_allclose(scene.poses, cold.poses, atol=1e-6)

@@ -2,7 +2,7 @@
 
 :class:`GroupMapper` is built once per aligned scene (with its mask cache); building it only
 indexes the labelled pixels, so a new scene is ready in milliseconds. :meth:`GroupMapper.warm`
-does the rest, one unit at a time (a node calls it while idle); whatever it has not done yet is
+does the rest, one unit at a time (a node calls it on a helper thread); whatever it has not done yet is
 done when a prompt needs it:
 
 * A 3D prompt is a k-nearest-neighbour vote over the valid world points of a strided pixel grid,
@@ -246,7 +246,7 @@ class GroupMapper:
         self._lock = threading.RLock()
         self._objects: Dict[int, dict] = {}
         self._raw_keys: Dict[int, np.ndarray] = {}
-        self._tree: Optional[cKDTree] = None  # over grid_points(), built by warm() (idle time)
+        self._tree: Optional[cKDTree] = None  # over grid_points(), built by warm() / build_index()
         self._tree_labels = np.zeros(0, np.int32)
         self._index_raw_pixels()
 
@@ -323,11 +323,11 @@ class GroupMapper:
         answers 3D prompts (until it exists the window search does, with the same answers; not
         with ``index=False``: :meth:`build_index` on another thread), then the pending object
         segments (and their negative keys), largest first. Returns the units left (as
-        :meth:`pending_work` with the same ``index``). A node calls it while idle so that no
-        click pays for it."""
+        :meth:`pending_work` with the same ``index``). A node calls it off its worker thread so
+        that no click pays for it."""
         n = None if max_units is None else max(0, int(max_units))
         if index and self._tree is None and (n is None or n > 0):
-            self._build_tree()
+            self.build_index()
             n = None if n is None else n - 1
         todo = self.pending_objects()
         n = len(todo) if n is None else n
@@ -437,7 +437,7 @@ class GroupMapper:
         """Cache id under a 3D point: majority among the ``knn`` nearest points (of the
         ``kd_stride`` pixel grid) within ``max_dist`` (default 3 voxels); 0 when none is that close
         or background wins; a tie goes to the label of the nearest tied point. Answered by the
-        KD-tree once :meth:`warm` built it, by the window search before (same neighbours)."""
+        KD-tree once :meth:`warm` or :meth:`build_index` built it, by the window search before (same neighbours)."""
         p = np.asarray(p, np.float64).reshape(3)
         if not np.isfinite(p).all():
             return 0

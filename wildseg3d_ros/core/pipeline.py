@@ -42,7 +42,6 @@ class ReconstructionPipeline:
         # prepare() and run() share the backend and segmenter: one at a time; pair preparation
         # only needs the backend's (thread-safe) caches, so it runs beside them
         self._lock = threading.RLock()
-        self._pair_lock = threading.Lock()  # takes the next queued pair
         self._masks: "OrderedDict[str, np.ndarray]" = OrderedDict()  # keyframe content -> local masks
         self.mask_cache_size = 16
         # the keyframes prepared last, in order: the partners of the next one's pairs
@@ -87,14 +86,14 @@ class ReconstructionPipeline:
         pairs still queued."""
         n = 0
         while self._pending_pairs and (max_pairs is None or n < max_pairs) and not self._run_waiting.is_set():
-            with self._pair_lock:
-                if not self._pending_pairs:
-                    break
-                partner, kf = self._pending_pairs.popleft()
+            try:
+                partner, kf = self._pending_pairs.popleft()  # atomic: one taker per pair
+            except IndexError:
+                break
             n += self.backend.prepare_pairs(kf, [partner])
         return len(self._pending_pairs)
 
-    def reconstruction_starting(self) -> bool:
+    def reconstructing(self) -> bool:
         """True while :meth:`run` runs: :meth:`prepare_pending_pairs` hands out no pair then."""
         return self._run_waiting.is_set()
 

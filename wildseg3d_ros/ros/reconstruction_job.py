@@ -53,10 +53,10 @@ class ReconstructionJobMixin:
             left = 0
             if pipe is not None and self.params["keyframes.prepare_ahead"]:
                 try:
-                    if pipe.reconstruction_starting():
+                    if pipe.reconstructing():
                         self._stop.wait(0.05)  # it registers the pairs left itself
                         continue
-                    left = pipe.prepare_pending_pairs(1) if pipe.pending_pair_count() else 0
+                    left = pipe.prepare_pending_pairs(1)
                 except Exception as e:  # the reconstruction registers the pair itself then
                     left = 0
                     self.stats["keyframe_prepare_errors"] += 1

@@ -508,7 +508,6 @@ def revolution_joins(labels: np.ndarray, pc: np.ndarray, valid: np.ndarray, plan
     free[pairs[0].ravel()] = False
     mh = G[:, 2, 3] / nn
     level = np.sqrt(np.maximum(G[:, 3, 3] / nn - mh * mh, 0.0)) <= 0.5 * top_tol_m
-    r_s = None
     for v, cv, rv, bv in zip(i[ok], cu[ok], ru[ok], bu[ok]):
         cand = free & (top <= top[v] + top_tol_m)
         if not cand.any():
