@@ -159,7 +159,8 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
         (raises errors.Cancelled).
     principal_points: (V,2) or None -> known_focals' K (when given as matrices) or ((W-1)/2, (H-1)/2).
     timings: a dict that receives the seconds of each stage (inputs_s, weights_s, init_s,
-        optimise_s, final_s) and the optimiser's iteration count (iterations).
+        optimise_s, final_s), the optimiser's iteration count (iterations) and how many of
+        Gauss-Newton's damped steps it rejected (rejected_steps: each one costs an evaluation).
 
     Returns an AlignedScene (world pointmaps, conf = per-view max input confidence (0 = invalid),
     poses, K, rgb, weights = per-view mean of W over the pairs containing the view, loss = the
@@ -244,6 +245,7 @@ def align_global(pairs, num_views: Optional[int] = None, soft_masks=None, known_
                                     progress=progress, cancel=cancel)
     clock("optimise_s")
     tm["iterations"] = len(res.history)
+    tm["rejected_steps"] = int(res.rejected)
 
     # final: the output frame (world = camera 0 when no pose is known: the objective is invariant
     # to it), then full-resolution closed-form depths directly in that frame

@@ -48,6 +48,7 @@ class OptimResult:
     Re: torch.Tensor      # (E, 3, 3) pair rotations
     te: torch.Tensor      # (E, 3) pair translations
     history: List[float]
+    rejected: int = 0     # Gauss-Newton: damped steps that did not lower the objective
 
 
 def so3_exp(w):
