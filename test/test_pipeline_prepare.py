@@ -132,3 +132,37 @@ def test_pairs_prepared_on_another_thread_beside_keyframes_and_runs(kfs):
     assert not pipe.reconstructing()
     np.testing.assert_array_equal(scene.mask_cache.labels, cold.mask_cache.labels)
     np.testing.assert_allclose(scene.poses, cold.poses, atol=1e-6)
+
+
+def test_unprepared_keyframes_are_presegmented_while_the_pairs_are_registered(kfs):
+    """A keyframe that reaches run() unprepared (the one that started the reconstruction) is
+    pre-segmented on a helper thread while the backend registers the pairs, not after them;
+    the masks are the ones a serial run makes, and they do not count as prepared ahead."""
+    import threading
+
+    pipe = ReconstructionPipeline(PipelineConfig(segmenter="geometric", iterations=30))
+    for kf in kfs[:-1]:
+        pipe.prepare(kf)
+    pipe.prepare_pending_pairs()
+    be, seg = pipe.backend, pipe.segmenter
+    real_reg, real_seg = be.register_pair, seg.automatic_masks
+    registering, seen = threading.Event(), []
+
+    def reg(*a, **k):
+        registering.set()
+        return real_reg(*a, **k)
+
+    def masks(rgb, pts=None, valid=None):
+        # blocks until a pair registration has started elsewhere: 5 s and False when serial
+        seen.append((threading.current_thread().name, registering.wait(5)))
+        return real_seg(rgb, pts, valid)
+
+    be.register_pair, seg.automatic_masks = reg, masks
+    try:
+        scene, _ = pipe.run(kfs)
+    finally:
+        be.register_pair, seg.automatic_masks = real_reg, real_seg
+    assert seen == [("presegment-beside-pairs", True)]
+    assert scene.info["views_presegmented_ahead"] == len(kfs) - 1
+    cold, _ = ReconstructionPipeline(PipelineConfig(segmenter="geometric", iterations=30)).run(kfs)
+    np.testing.assert_array_equal(scene.mask_cache.labels, cold.mask_cache.labels)

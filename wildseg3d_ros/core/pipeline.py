@@ -148,7 +148,11 @@ class ReconstructionPipeline:
         t0 = time.perf_counter()
         pairs = self.backend.make_pairs(len(kfs), cfg.scene_graph)
         say("pointmaps", 0.0)
-        preds = self.backend.predict_pairs(inner, pairs, cancel=cancel)
+        finish_side = self._presegment_beside_pairs(kfs, cancel)
+        try:
+            preds = self.backend.predict_pairs(inner, pairs, cancel=cancel)
+        finally:
+            side_keys = finish_side()  # its masks go into the cache the segmentation step reads
         t["pointmaps_s"] = time.perf_counter() - t0
         check_cancel(cancel, "reconstruction")
         kept, dropped = self._covered_views(len(kfs), preds)
@@ -176,7 +180,7 @@ class ReconstructionPipeline:
                 lab = self.segmenter.automatic_masks(rgb[v], cam_pts[v][0], cam_pts[v][1])
                 if key is not None:
                     self._remember_masks(key, lab)
-            else:
+            elif key not in side_keys:
                 n_prepared += 1
             local.append(lab)
         local = np.stack(local)
@@ -234,6 +238,52 @@ class ReconstructionPipeline:
         t["total_s"] = time.perf_counter() - t0
         say("done", 1.0)
         return scene, t
+
+    def _presegment_beside_pairs(self, kfs, cancel) -> Callable[[], None]:
+        """When each keyframe's pointmap is known before pairing (depth cameras), the keyframes
+        not pre-segmented yet (typically the one whose arrival started this reconstruction) are
+        pre-segmented on a helper thread while the backend registers the pairs: the two share
+        the CPU instead of running one after the other. Their masks go into the mask cache that
+        the segmentation step reads; a keyframe this thread did not finish is segmented there.
+        Returns the function that waits for the thread, stores its masks and returns their keys
+        (the caller calls it once the pairs are done or failed, still holding the pipeline's
+        lock)."""
+        if not self.backend.pointmaps_per_keyframe:
+            return lambda: set()
+        todo = [kf for kf in kfs if kf.content_key() not in self._masks]
+        if not todo:
+            return lambda: set()
+        cams = []
+        for kf in todo:  # the backend's per-keyframe part first: the pairs need it too
+            check_cancel(cancel, "reconstruction")
+            try:
+                cam = self.backend.prepare(kf)
+            except Exception:  # bad input: predict_pairs checks it and says what is wrong
+                return lambda: set()
+            if cam is None:
+                return lambda: set()
+            cams.append(cam if self._presegment_geometry else (None, None))
+        results = []
+
+        def work():
+            try:
+                for kf, (pts, valid) in zip(todo, cams):
+                    if cancel is not None and cancel():
+                        return
+                    results.append((kf.content_key(), self.segmenter.automatic_masks(kf.rgb, pts, valid)))
+            except Exception as e:  # the segmentation step does it again and reports it
+                _log.debug("pre-segmentation beside the pairs failed: %s", e)
+
+        th = threading.Thread(target=work, name="presegment-beside-pairs", daemon=True)
+        th.start()
+
+        def finish():
+            th.join()
+            for key, labels in results:
+                self._remember_masks(key, labels)
+            return {key for key, _ in results}
+
+        return finish
 
     def _covered_views(self, n: int, preds):
         """(positions of the keyframes the predictions cover, {left-out position: reason}). A

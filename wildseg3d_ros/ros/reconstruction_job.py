@@ -100,16 +100,20 @@ class ReconstructionJobMixin:
         return job is not None and job.is_alive() and self._cancel.is_set()
 
     def _keyframe_accepted(self):
-        """After each accepted keyframe: start the automatic reconstruction when due."""
+        """After each accepted keyframe: start the automatic reconstruction when due, else queue
+        the keyframe for its preparation. The keyframe that starts a reconstruction is not
+        queued: the reconstruction would wait for its preparation, then register its pairs,
+        while on its own it registers them and pre-segments the keyframe at the same time."""
         self._new_since_reconstruction += 1
-        if self.params["keyframes.prepare_ahead"]:
+        n_at = self.params["keyframes.reconstruct_at"]
+        started = False
+        if n_at > 0 and len(self._buffer) >= n_at and self._new_since_reconstruction >= n_at:
+            started, _ = self._start_job("auto")
+        if self.params["keyframes.prepare_ahead"] and not started:
             kfs = self._buffer.keyframes()
             if kfs:
                 self._prep_queue.append(kfs[-1])
                 self._prep_wake.set()
-        n_at = self.params["keyframes.reconstruct_at"]
-        if n_at > 0 and len(self._buffer) >= n_at and self._new_since_reconstruction >= n_at:
-            self._start_job("auto")
 
     def _start_job(self, why: str):
         with self._lock:
