@@ -19,6 +19,9 @@ publishes them) on ``wildseg3d/scene``, one at a time. Per scene:
 * ``immediate_ms``: with ``--immediate``, one more scene whose click is published right behind it
   (the click waits for the preparation: what a user who clicks at once sees).
 
+``--idle-s 25`` waits that long before each scene: longer than the node's idle time before it
+returns freed memory to the OS (TRIM_IDLE_S), as when scenes come minutes apart.
+
 Baseline in the same run, in this process on the same messages: decoding + GroupMapper as the
 node does it, and with every object computed up front (``warm()``: the mapper's construction
 before objects were computed lazily). The machine load is printed. Last line: one JSON object.
@@ -94,6 +97,10 @@ def main():
     ap.add_argument("--clicks", type=int, default=20, help="steady-state clicks per scene")
     ap.add_argument("--immediate", action="store_true", default=True)
     ap.add_argument("--no-immediate", dest="immediate", action="store_false")
+    ap.add_argument("--idle-s", type=float, default=0.0,
+                    help="idle time before each scene after the first (> the node's TRIM_IDLE_S, 20 s: "
+                         "the node has returned freed memory to the OS when the scene arrives, as when "
+                         "scenes come minutes apart)")
     ap.add_argument("--large-data", action="store_true",
                     help="FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in both processes")
     args = ap.parse_args()
@@ -145,6 +152,8 @@ def main():
                 labels = scene.mask_cache.labels
                 big = max(scene.mask_cache.object_ids(), key=lambda o: int((labels[0] == o).sum()))
                 p_big, _ = click_point_on_object(scene, labels, big)
+                if k and args.idle_s > 0:
+                    time.sleep(args.idle_s)
                 if args.immediate and k == len(built) - 1:
                     scene_pub.publish(msg)
                     ms, _ = timed_click(client, click_pub, objs, p_big, timeout=30)
@@ -178,7 +187,8 @@ def main():
     prep = [r["prepare_ms"] for r in rows]
     first = [r["first_click_ms"] for r in rows if r["first_click_ms"] is not None]
     out = {
-        "scenes": len(rows), "large_data": bool(args.large_data), "load_1min": round(load0[0], 2),
+        "scenes": len(rows), "large_data": bool(args.large_data), "idle_s": args.idle_s,
+        "load_1min": round(load0[0], 2),
         "prepare": st(prep), "first_click": st(first), "steady_clicks": st(steady),
         "baseline_in_process_prepare": st([1e3 * b[0] for b in base]),
         "baseline_eager_mapper_prepare": st([1e3 * b[1] for b in base]),

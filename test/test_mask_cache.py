@@ -96,6 +96,19 @@ def test_object_table(seq):
     assert np.allclose(t["centroid"], cen, atol=1e-3)
 
 
+def test_object_ids_counts_without_sorting_and_handles_odd_labels():
+    from wildseg3d_ros.core.types import MaskCache
+    rng = np.random.default_rng(0)
+    for lab in (rng.integers(0, 7, (3, 20, 30)).astype(np.int32),
+                np.array([[[0, 5, -3], [2, 2, 1 << 30]]], np.int32),    # negative, huge ids: unique()
+                np.zeros((2, 4, 4), np.int32), np.zeros((0, 4, 4), np.int32),
+                rng.integers(0, 40, (2, 8, 8)).astype(np.uint16)):
+        ids = MaskCache(labels=lab, soft=np.zeros(lab.shape, np.float32)).object_ids()
+        ref = np.unique(lab)
+        np.testing.assert_array_equal(ids, ref[ref > 0])
+        assert ids.dtype == lab.dtype
+
+
 def test_classical_cache_iou_per_object_per_view(seq, classical_cache):
     """Threshold 0.85 per object per view: objects cover 450-3300 px here, so a one-pixel error
     along the whole outline already costs ~8-10 % IoU on the smallest; measured values are

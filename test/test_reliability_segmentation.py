@@ -173,6 +173,16 @@ def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
         # ~/reset answers and clears; services keep working
         assert call_trigger(client, "/segmentation_node/reset").success
         assert wait_for(lambda: node.prompt_log == [] and objs.last().width == 0, 10)
+        # another scene replaces this one: the replaced scene is freed once the worker is idle
+        # (not inside the new scene's preparation, not held until the next click)
+        import dataclasses
+        import weakref
+        old = weakref.ref(node.scene.pts3d)
+        other = dataclasses.replace(built[1], pts3d=built[1].pts3d + np.float32(0.01))
+        n_loaded = node.stats["scenes_loaded"]
+        scene_pub.publish(scene_msg(other, stamp=11.0))
+        assert wait_for(lambda: node.stats["scenes_loaded"] == n_loaded + 1, 10)
+        assert wait_for(lambda: old() is None and not node._retired, 5)
     finally:
         th.stop()
         node.destroy_node()

@@ -83,7 +83,15 @@ class MaskCache:
         return int(self.labels.shape[0])
 
     def object_ids(self) -> np.ndarray:
-        ids = np.unique(self.labels)
+        """The ids > 0 present in ``labels``, ascending (a count per id: O(pixels), no sort)."""
+        lab = np.asarray(self.labels).reshape(-1)
+        if lab.size == 0:
+            return lab[:0]
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi > max(1 << 20, 4 * lab.size) or lab.dtype.kind not in "iu":
+            ids = np.unique(lab)
+            return ids[ids > 0]
+        ids = np.flatnonzero(np.bincount(lab, minlength=1)).astype(lab.dtype)
         return ids[ids > 0]
 
 

@@ -110,6 +110,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     REFUSE_LEVEL = "warning"  # a bad prompt is the operator's, not the node's, fault
     DIAG_NAME = "segmentation_node"
     TRIM_IDLE_S = 20.0  # freed heap memory is returned to the OS after this long without a new scene
+    # ... unless the heap holds no more than this many bytes per byte of the last scene message
+    # free: about what decoding and indexing a scene of that size allocates (2-4x the message)
+    TRIM_KEEP_PER_SCENE_BYTE = 6
 
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
@@ -132,6 +135,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._recent_far = collections.deque(maxlen=16)  # refused far 3D clicks (maybe for the next scene)
         self.scene_id: Optional[str] = None
         self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
+        self._retired: list = []  # the scene a new one replaced: freed when the worker is idle
+        self._trim_keep = 0  # free heap bytes kept for the next scene (TRIM_KEEP_PER_SCENE_BYTE)
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
         self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_warm")
@@ -231,9 +236,11 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             try:
                 if item is not None:
                     self._dispatch(item)
+                elif self._retired:
+                    self._retired.clear()
                 elif self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
-                    release_free_heap()
+                    release_free_heap(keep_bytes=self._trim_keep)
                 self._expire_held()
                 if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
                     self.out.publish([], self._frame())
@@ -246,10 +253,12 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     def _dispatch(self, item):
         if item[0] == "scene":
             self._load_scene(item[1], item[2])
-            # the previous scene's arrays were just dropped: their memory is given back to the OS
-            # once no new scene came for a while (a burst of scenes reuses it: returned pages would
-            # be faulted in again by the next scene's preparation, ~25 ms for 5 x 512x384)
+            # the previous scene's arrays are freed once the worker is idle; what the heap then
+            # holds beyond a scene's worth is given back to the OS once no new scene came for a
+            # while (returned pages are faulted in again by the next scene's preparation: ~30 ms
+            # for 5 x 512x384 on the development VM)
             self._trim_at = time.monotonic() + self.TRIM_IDLE_S
+            self._trim_keep = self.TRIM_KEEP_PER_SCENE_BYTE * len(item[2].data)
         elif item[0] == "reset":
             self._do_reset()
         elif item[0] == "resegment":
@@ -325,6 +334,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             return
         carry = self._recent_clicks(t_recv, msg)  # 3D clicks meant for this scene that came before it
         session = self._build_session(scene)
+        # the replaced scene's ~100 MB are freed when no item waits, not before the next click
+        # (one at most is kept: in a burst of scenes the one before is freed here)
+        self._retired[:] = [(self.scene, self.session)]
         self.scene, self.session, self.scene_stamp, self.scene_id = scene, session, msg.header.stamp, sid
         self._set_prompts([], [])
         self.stats["scenes_loaded"] += 1

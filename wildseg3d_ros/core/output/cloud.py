@@ -354,9 +354,12 @@ def _xyz(flat: np.ndarray) -> np.ndarray:
     f = flat.dtype.fields
     f32 = np.dtype(np.float32)
     if all(f[c][0] == f32 for c in "xyz") and f["y"][1] == f["x"][1] + 4 and f["z"][1] == f["x"][1] + 8:
-        v = np.ndarray((flat.size, 3), f32, flat.data if flat.flags.c_contiguous else np.ascontiguousarray(flat).data,
-                       offset=f["x"][1], strides=(flat.dtype.itemsize, 4))
-        return np.ascontiguousarray(v)
+        # the 12 bytes of each point copied as one item (an inner loop over the points, not over
+        # 3 floats per point: 1.6x faster)
+        v = np.ndarray((flat.size,), np.dtype((np.void, 12)),
+                       flat.data if flat.flags.c_contiguous else np.ascontiguousarray(flat).data,
+                       offset=f["x"][1], strides=(flat.dtype.itemsize,))
+        return np.ascontiguousarray(v).view(f32).reshape(flat.size, 3)
     return np.stack([flat[c].astype(np.float32) for c in "xyz"], -1)
 
 

@@ -32,7 +32,9 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
         raise SceneDecodeError(f"scene cloud height {height} is not a multiple of the {V} keyframes it names")
     H = height // V
     expect = np.repeat(np.arange(V), H)
-    if not np.array_equal(rows_kf, expect) or not (arr["keyframe"] == rows_kf[:, None]).all():
+    # the row blocks are what is read; the first and last column say whether the field follows
+    # them (the other points' keyframe values are not used)
+    if not np.array_equal(rows_kf, expect) or not (arr["keyframe"][:, -1] == rows_kf).all():
         raise SceneDecodeError("scene cloud 'keyframe' field is inconsistent with its row blocks "
                                "(keyframe v must fill rows v*H .. v*H+H-1)")
     d = corecloud.unpack_scene_cloud(arr, height, width, V, keyframe=False)
