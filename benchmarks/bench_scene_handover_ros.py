@@ -8,7 +8,7 @@ after a new scene.
 Fast DDS transport unless ``--large-data``). This process publishes ``--scenes`` different scenes
 (the embedded tabletop, seeds 0.., 5 keyframes 512x384, ground-truth depth and poses as the
 aligned scene, the rendered instances as the mask cache; packed exactly as reconstruction_node
-publishes them) on ``wildseg3d/scene``, one at a time. Per scene:
+publishes them, with Multi-view Group Mapping's precomputed filter unless ``--no-kept``) on ``wildseg3d/scene``, one at a time. Per scene:
 
 * ``prepare_ms``: the node's own figure, from its log line ``scene ready: ... (N ms to prepare)``
   (message received -> scene, mapper and session ready);
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
-def build_scene(seed: int):
+def build_scene(seed: int, kept: bool = True):
     from wildseg3d_ros.core.geometry import depth_to_world
     from wildseg3d_ros.core.mask_cache import make_mask_cache
     from wildseg3d_ros.core.types import AlignedScene
@@ -57,11 +57,15 @@ def build_scene(seed: int):
     scene = AlignedScene(pts3d=pts, conf=valid.astype(np.float32), poses=s.poses,
                          K=np.repeat(s.K[None], 5, 0), rgb=s.rgb, frame_id="map")
     scene.mask_cache = make_mask_cache(labels, pts, valid)
+    if kept:  # what reconstruction_node sends with every scene (Multi-view Group Mapping's filter)
+        from wildseg3d_ros.core.group_mapping import precompute_kept
+        precompute_kept(scene)
     return s, scene
 
 
 def in_process_baseline(arr, h, w):
-    """(node-like preparation s, with every object up front s) on this process's copy."""
+    """(node-like preparation s, with every object computed up front s (no filter sent)) on this
+    process's copy."""
     import array
 
     from wildseg3d_ros.core.group_mapping import GroupMapper
@@ -74,7 +78,9 @@ def in_process_baseline(arr, h, w):
     struct = cloud.cloud_from_bytes(data, lay.fields, lay.point_step, lay.height, lay.width, False,
                                     row_step=lay.row_step)
     sc = scene_from_cloud_array(struct, "map")
-    GroupMapper(sc)
+    g = GroupMapper(sc, use_kept=True)
+    if g.uses_kept:  # as the node: the objects are cut from the sent filter during preparation
+        g.warm(index=False, negatives=False)
     lazy = time.perf_counter() - t
     t = time.perf_counter()
     struct = cloud.cloud_from_bytes(data, lay.fields, lay.point_step, lay.height, lay.width, False,
@@ -101,6 +107,9 @@ def main():
                     help="idle time before each scene after the first (> the node's TRIM_IDLE_S, 20 s: "
                          "the node has returned freed memory to the OS when the scene arrives, as when "
                          "scenes come minutes apart)")
+    ap.add_argument("--no-kept", action="store_true",
+                    help="scenes without the precomputed filter (the node computes every object itself), "
+                         "as a scene from another producer")
     ap.add_argument("--large-data", action="store_true",
                     help="FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in both processes")
     args = ap.parse_args()
@@ -120,7 +129,7 @@ def main():
     n_scenes = args.scenes + (1 if args.immediate else 0)
     built = []
     for k in range(n_scenes):
-        s, scene = build_scene(k)
+        s, scene = build_scene(k, kept=not args.no_kept)
         arr, h, w = pack_scene_cloud(scene)
         built.append((s, scene, arr, h, w))
     print(f"{n_scenes} scenes of 5 keyframes 512x384 built in {time.perf_counter() - t0:.1f} s; "
@@ -188,6 +197,7 @@ def main():
     first = [r["first_click_ms"] for r in rows if r["first_click_ms"] is not None]
     out = {
         "scenes": len(rows), "large_data": bool(args.large_data), "idle_s": args.idle_s,
+        "kept_sent": not args.no_kept,
         "load_1min": round(load0[0], 2),
         "prepare": st(prep), "first_click": st(first), "steady_clicks": st(steady),
         "baseline_in_process_prepare": st([1e3 * b[0] for b in base]),

@@ -96,6 +96,9 @@ def test_end_to_end_click_refine_reset_and_new_stream(ros):
             assert sorted(fidx.tolist()) == list(range(FRAMES))
             gt = seq.instance[fidx]
             assert wait_for(lambda: seg.session is not None, 30)
+            # Multi-view Group Mapping's filter came with the scene (negative labels): the
+            # segmentation node (default settings) cut its objects from it while preparing
+            assert scene.mask_cache.kept is not None and seg.session.mapper.uses_kept
             # the node computes the new scene's objects while idle, so no click pays for them
             assert wait_for(lambda: seg.session.mapper.pending_work() == 0, 10)
 

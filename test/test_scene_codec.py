@@ -49,3 +49,35 @@ def test_decoded_validity_is_reused_only_for_the_decoded_arrays():
     np.testing.assert_array_equal(out.valid_mask(), sc.valid_mask())
     out.conf = np.zeros_like(out.conf)   # a new array: computed again
     assert not out.valid_mask().any()
+
+
+def test_precomputed_mgm_filter_travels_in_the_label_sign_and_gives_the_same_segments():
+    """reconstruction_node sends Multi-view Group Mapping's filter with the scene (a pixel of
+    object l that the filter removes is sent as -l); the decoded mask cache has the positive ids
+    and ``kept``, and a mapper that cuts its objects from it gives the segments it would compute."""
+    from wildseg3d_ros.core.group_mapping import GroupMapper, precompute_kept
+
+    sv = sphere_scene(3, 64, 48, seed=1)
+    labels = np.where(sv.instance >= 2, sv.instance, 0).astype(np.int32)
+    # a wrong label on some pixels of view 0: the other views outvote it (filtered out)
+    labels[0, 10:20, 10:20] = np.where(labels[0, 10:20, 10:20] > 0, 9, 0)
+    sc, sv = _scene(labels)
+    kept = precompute_kept(sc)
+    assert kept is sc.mask_cache.kept and ((labels > 0) & ~kept).any() and (kept & (labels > 0)).any()
+    arr, h, w = cloud.pack_scene_cloud(sc)
+    sent = arr["label"].reshape(labels.shape)
+    np.testing.assert_array_equal(np.abs(sent), labels)
+    assert ((sent < 0) == ((labels > 0) & ~kept)).all()
+    out = scene_from_cloud_array(arr.reshape(h, w), "map")
+    np.testing.assert_array_equal(out.mask_cache.labels, labels)
+    np.testing.assert_array_equal(out.mask_cache.kept, kept & (labels > 0))
+    cut, computed = GroupMapper(out, use_kept=True), GroupMapper(out)
+    assert cut.uses_kept and not computed.uses_kept
+    for i in cut.object_ids():
+        np.testing.assert_array_equal(cut.segment([i]).pixel_masks, computed.segment([i]).pixel_masks)
+    # without the filter (another producer) nothing is negative and the mapper computes it
+    sc.mask_cache.kept = None
+    arr, h, w = cloud.pack_scene_cloud(sc)
+    assert (arr["label"] >= 0).all()
+    plain = scene_from_cloud_array(arr.reshape(h, w), "map")
+    assert plain.mask_cache.kept is None and not GroupMapper(plain, use_kept=True).uses_kept

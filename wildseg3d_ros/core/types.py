@@ -72,11 +72,16 @@ class MaskCache:
             (1 inside a confident object mask, lower near mask borders / unlabelled).
     objects: object id -> dict of per-object metadata (``views``: list of view indices,
             ``area``: pixel count per view, ``name``/``score`` when known).
+    kept:   optional V x H x W bool: the labelled pixels Multi-view Group Mapping keeps with its
+            default settings (consistency vote + floater filter, ``GroupMapper.kept``), computed
+            where the scene is made, so that a segmentation node cuts its objects from it
+            instead of computing them (None: not computed).
     """
 
     labels: np.ndarray
     soft: np.ndarray
     objects: Dict[int, dict] = field(default_factory=dict)
+    kept: Optional[np.ndarray] = None
 
     @property
     def num_views(self) -> int:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 from geometry_msgs.msg import PoseArray
 
+from ..core.group_mapping import precompute_kept
 from ..core.output import cloud as corecloud
 from ..core.output import store
 from . import convert
@@ -21,6 +22,10 @@ class SceneOutputMixin:
     # ------------------------------------------------------------------ publishing
     def _publish_scene(self, scene):
         stamp = self.get_clock().now().to_msg()
+        if scene.mask_cache is not None and scene.mask_cache.kept is None:
+            # Multi-view Group Mapping's filter, computed once here and sent with the scene:
+            # a segmentation node cuts every object from it instead of computing it
+            precompute_kept(scene)
         arr, h, w = corecloud.pack_scene_cloud(scene)
         self.scene_pub.publish(convert.struct_to_cloud(arr, scene.frame_id, stamp, h, w))
         self.poses_pub.publish(convert.poses_to_pose_array(scene.poses, scene.frame_id, stamp))

@@ -282,13 +282,18 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         return self._segmenter
 
     def _build_session(self, scene):
-        from ..core.group_mapping import GroupMapper
+        from ..core.group_mapping import DEFAULT_MIN_AGREE_FRAC, GroupMapper
         from ..core.prompts.session import InteractiveSession
+        # the filter the reconstruction node sent with the scene holds for the default settings
+        defaults = (not self.params["mgm.voxel_size_m"]
+                    and self.params["mgm.min_consistency"] == DEFAULT_MIN_AGREE_FRAC)
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
-                             min_agree_frac=self.params["mgm.min_consistency"])
-        # the objects' segments (largest first) and then the KD-tree are computed on a thread of
-        # their own, so the worker is free for the first click (which waits at most for the
-        # object being computed; scipy and most of numpy release the GIL)
+                             min_agree_frac=self.params["mgm.min_consistency"], use_kept=defaults)
+        if mapper.uses_kept:  # every object is a cut of the sent filter (~1 ms each): now
+            mapper.warm(index=False, negatives=False)
+        # the objects' segments (largest first; unless cut above) and then the KD-tree are
+        # computed on a thread of their own, so the worker is free for the first click (which
+        # waits at most for the object being computed; scipy and most of numpy release the GIL)
         self._warm_gen += 1
         self._warm_pool.submit(self._warm_mapper, mapper, self._warm_gen)
         return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
@@ -297,7 +302,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     def _warm_mapper(self, mapper, gen: int):
         """The mapper's pending work, one unit at a time, given up when a newer scene arrives:
         the object segments, then the KD-tree (clicks meanwhile are answered by the exact window
-        search). The thread runs at a lower CPU priority than the worker, so a click does not
+        search), then the negative-prompt keys. The thread runs at a lower CPU priority than the worker, so a click does not
         share a core with it."""
         try:
             _lower_thread_priority()
@@ -305,6 +310,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                 pass
             if gen == self._warm_gen and not self._stop.is_set():
                 mapper.build_index()
+            if gen == self._warm_gen and not self._stop.is_set():
+                mapper.prepare_negatives()  # already done with the objects unless they were cut
         except Exception as e:  # clicks compute what they need themselves (the window search
             self.internal_error("scene warm-up", e)  # answers without the index)
 

@@ -318,7 +318,9 @@ def pack_scene_cloud(scene) -> Tuple[np.ndarray, int, int]:
 
     Returns ``(arr, height, width)`` with ``arr`` of shape (V*H, W) and dtype
     :func:`scene_cloud_dtype`; keyframe ``v`` occupies rows ``v*H .. v*H+H-1``.
-    Invalid points (non-finite or confidence <= 0) have x = y = z = NaN.
+    Invalid points (non-finite or confidence <= 0) have x = y = z = NaN. ``label`` is the mask
+    cache's object id (0: none); with the mask cache's ``kept`` pixels (Multi-view Group
+    Mapping's precomputed filter), a pixel of object l that the filter removes carries -l.
     """
     pts = np.asarray(scene.pts3d)
     if pts.ndim != 4 or pts.shape[-1] != 3:
@@ -342,6 +344,10 @@ def pack_scene_cloud(scene) -> Tuple[np.ndarray, int, int]:
         labels = np.asarray(mc.labels)
         if labels.shape != (V, H, W):
             raise CloudError(f"mask cache labels {labels.shape} do not match pts3d {pts.shape}")
+        kept = getattr(mc, "kept", None)
+        if kept is not None and np.shape(kept) == (V, H, W):
+            # pixels of object l that Multi-view Group Mapping's filter removes are sent as -l
+            labels = np.where(np.asarray(kept, bool) | (labels <= 0), labels, -labels)
         arr["label"] = labels.reshape(V * H, W)
     else:
         arr["label"] = 0

@@ -1,7 +1,8 @@
 """Rebuild an AlignedScene from the published organised scene cloud.
 
 The scene cloud (core.cloud scene layout) carries, per keyframe pixel, the aligned world point,
-colour, confidence, keyframe index and mask-cache label. Every aligned pointmap is an exact
+colour, confidence, keyframe index and mask-cache label (negative, -l: a pixel of object l that
+Multi-view Group Mapping's precomputed filter removes; decoded into ``MaskCache.kept``). Every aligned pointmap is an exact
 pinhole pointmap (each pixel's point lies on its camera ray), so each keyframe's intrinsics and
 camera-to-world pose are recovered by a linear resection (DLT) over its own pixels; the message
 is therefore self-contained and cannot disagree with a separately published pose message."""
@@ -44,8 +45,11 @@ def scene_from_cloud_array(arr: np.ndarray, frame_id: str) -> AlignedScene:
         Ks, poses = resect_pinhole_views(pts, valid)
     except ResectionError as e:
         raise SceneDecodeError(f"keyframe {e.view}: cannot recover its camera from the cloud ({e})") from None
-    labels = d["label"]
+    labels, kept = d["label"], None
+    if labels.size and int(labels.min()) < 0:  # the precomputed MGM filter (pack_scene_cloud)
+        kept = labels > 0
+        labels = np.abs(np.maximum(labels, -np.iinfo(np.int32).max))
     objects = object_table(labels)
-    mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects)
+    mc = MaskCache(labels=labels, soft=(labels > 0).astype(np.float32), objects=objects, kept=kept)
     return AlignedScene(pts3d=pts, conf=conf, poses=poses, K=Ks, rgb=d["rgb"],
                         mask_cache=mc, frame_id=frame_id, decoded_valid=valid)
