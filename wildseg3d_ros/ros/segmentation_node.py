@@ -302,8 +302,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     def _warm_mapper(self, mapper, gen: int):
         """The mapper's pending work, one unit at a time, given up when a newer scene arrives:
         the object segments, then the KD-tree (clicks meanwhile are answered by the exact window
-        search), then the negative-prompt keys. The thread runs at a lower CPU priority than the worker, so a click does not
-        share a core with it."""
+        search), then the negative-prompt keys. The thread runs at a lower CPU priority than the
+        worker, so a click does not share a core with it."""
         try:
             _lower_thread_priority()
             while gen == self._warm_gen and not self._stop.is_set() and mapper.warm(1, index=False):
