@@ -187,3 +187,49 @@ def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
         th.stop()
         node.destroy_node()
         client.destroy_node()
+
+
+def test_with_the_filter_sent_the_warm_up_waits_for_the_first_click(ros, built, tmp_path):
+    """A scene that comes with Multi-view Group Mapping's filter (as reconstruction_node sends
+    it): the default-settings node cuts every object while preparing, and its warm-up (KD-tree,
+    negative keys, freeing the replaced scene) waits until the first click is answered, so that
+    click has the CPU and the GIL to itself."""
+    import dataclasses
+    import time
+
+    from wildseg3d_ros.core.group_mapping import precompute_kept
+    from wildseg3d_ros.ros.segmentation_node import SegmentationNode
+    _, scene = built
+    sc = dataclasses.replace(scene, mask_cache=dataclasses.replace(scene.mask_cache))
+    kept = precompute_kept(sc)
+    labels = sc.mask_cache.labels
+    if not ((labels > 0) & ~kept).any():  # make sure one filtered pixel marks the filter as sent
+        kept[tuple(np.argwhere(labels > 0)[0])] = False
+    node = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=str(tmp_path))])
+    node.WARM_DELAY_S = 60.0  # only a click starts the warm-up here
+    client = rclpy.create_node("seg_warm_client")
+    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
+    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
+    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
+    ex = MultiThreadedExecutor(num_threads=3)
+    ex.add_node(node)
+    ex.add_node(client)
+    th = SpinThread(ex)
+    try:
+        assert wait_for(lambda: scene_pub.get_subscription_count() > 0 and click_pub.get_subscription_count() > 0, 10)
+        scene_pub.publish(scene_msg(sc))
+        assert wait_for(lambda: node.session is not None, 20)
+        mapper = node.session.mapper
+        assert mapper.uses_kept and not mapper.pending_objects()  # every object cut while preparing
+        time.sleep(0.5)
+        assert mapper._tree is None  # the warm-up waits for the first click
+        obj = max(mapper.object_ids(), key=lambda o: int((labels[0] == o).sum()))
+        p, _ = click_point_on_object(sc, labels, obj)
+        click_pub.publish(point_msg(p, stamp=7.0))
+        assert wait_for(lambda: objs.count() > 0 and objs.last().width > 0, 10)
+        assert wait_for(lambda: mapper._tree is not None, 10)  # then it runs
+        assert node.stats["worker_errors"] == 0
+    finally:
+        th.stop()
+        node.destroy_node()
+        client.destroy_node()

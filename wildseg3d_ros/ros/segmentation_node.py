@@ -113,6 +113,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     # ... unless the heap holds no more than this many bytes per byte of the last scene message
     # free: about what decoding and indexing a scene of that size allocates (2-4x the message)
     TRIM_KEEP_PER_SCENE_BYTE = 6
+    WARM_DELAY_S = 0.25  # the longest a scene's warm-up waits for the first click (_warm_mapper)
 
     def __init__(self, **kwargs):
         super().__init__("segmentation_node", **kwargs)
@@ -141,6 +142,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
         self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_warm")
         self._warm_gen = 0
+        # set once the worker has answered a prompt: the scene's warm-up may start (see _warm_mapper)
+        self._warm_go = threading.Event()
         self.latencies_ms = collections.deque(maxlen=1000)
         self.stats = collections.Counter()
         self.last_error = ""
@@ -265,6 +268,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self._do_resegment(item[1])
         else:
             self._handle_prompt(*item)
+            self._warm_go.set()
 
     def _get_segmenter(self, metric: bool = True):
         from ..core.config import resolve_segmenter
@@ -295,6 +299,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         # computed on a thread of their own, so the worker is free for the first click (which
         # waits at most for the object being computed; scipy and most of numpy release the GIL)
         self._warm_gen += 1
+        self._warm_go.clear()
         self._warm_pool.submit(self._warm_mapper, mapper, self._warm_gen)
         return InteractiveSession(scene, mapper, self._get_segmenter(bool(scene.metric)),
                                   max_click_dist=self.params["prompt.max_distance_m"])
@@ -306,6 +311,12 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         worker, so a click does not share a core with it."""
         try:
             _lower_thread_priority()
+            if mapper.uses_kept:
+                # nothing a click needs is left (its object is cut already): the warm-up and the
+                # replaced scene's release wait for the first click to be answered (or
+                # WARM_DELAY_S), so that click has the CPU and the GIL to itself
+                self._warm_go.wait(self.WARM_DELAY_S)
+                self._retired.clear()
             while gen == self._warm_gen and not self._stop.is_set() and mapper.warm(1, index=False):
                 pass
             if gen == self._warm_gen and not self._stop.is_set():
