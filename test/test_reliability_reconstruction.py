@@ -297,6 +297,32 @@ def test_corrupt_compressed_images(ros, seq, tmp_path):
         rig.close()
 
 
+def test_scene_published_when_its_mgm_filter_fails_and_sent_with_it_otherwise(ros, seq, tmp_path, monkeypatch):
+    """The MGM filter computed for the scene message is an extra: when it fails, the scene goes
+    out without it (labels >= 0) and the error is reported; the next scene carries it again."""
+    import wildseg3d_ros.ros.scene_output as so
+    real = so.precompute_kept
+
+    def broken(scene):
+        raise RuntimeError("filter exploded")
+
+    monkeypatch.setattr(so, "precompute_kept", broken)
+    rig = Rig(tmp_path)
+    try:
+        for i in range(3):
+            rig.good(seq, i)
+        assert call_trigger(rig.client, "/reconstruction_node/reconstruct").success
+        assert wait_for(lambda: len(rig.scene.nonempty()) == 1, 60), dict(rig.node.stats)
+        assert (convert.cloud_to_struct(rig.scene.nonempty()[-1])["label"] >= 0).all()
+        assert "filter exploded" in rig.node.last_error and rig.node.stats["internal_errors"] >= 1
+        monkeypatch.setattr(so, "precompute_kept", real)
+        assert call_trigger(rig.client, "/reconstruction_node/reconstruct").success
+        assert wait_for(lambda: len(rig.scene.nonempty()) == 2, 60), dict(rig.node.stats)
+        assert rig.node._scene.mask_cache.kept is not None
+    finally:
+        rig.close()
+
+
 def test_services_too_few_concurrent_and_reset_while_running(ros, seq, tmp_path):
     # the reference (Adam) optimiser runs all of its iterations: the job stays busy for the reset
     # (Gauss-Newton converges and finishes 3 keyframes in ~1 s, before the reset arrives)

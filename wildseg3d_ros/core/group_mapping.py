@@ -141,7 +141,7 @@ DEFAULT_MIN_AGREE_FRAC = 0.5
 
 def precompute_kept(scene: AlignedScene) -> Optional[np.ndarray]:
     """Store in ``scene.mask_cache.kept`` (and return) the pixels :class:`GroupMapper` keeps with
-    its default settings (every object's consistency vote and floater filter, ~35 ms for 5 x
+    its default settings (every object's consistency vote and floater filter, ~50 ms for 5 x
     512x384): published with the scene (the sign of the scene cloud's ``label``), it lets a
     segmentation node with the default settings cut each object from it at once. None (nothing
     stored) without a mask cache."""

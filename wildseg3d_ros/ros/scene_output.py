@@ -25,7 +25,11 @@ class SceneOutputMixin:
         if scene.mask_cache is not None and scene.mask_cache.kept is None:
             # Multi-view Group Mapping's filter, computed once here and sent with the scene:
             # a segmentation node cuts every object from it instead of computing it
-            precompute_kept(scene)
+            try:
+                precompute_kept(scene)
+            except Exception as e:  # the scene goes out without it (segmentation computes it)
+                scene.mask_cache.kept = None
+                self.internal_error("precomputing the scene's MGM filter", e)
         arr, h, w = corecloud.pack_scene_cloud(scene)
         self.scene_pub.publish(convert.struct_to_cloud(arr, scene.frame_id, stamp, h, w))
         self.poses_pub.publish(convert.poses_to_pose_array(scene.poses, scene.frame_id, stamp))

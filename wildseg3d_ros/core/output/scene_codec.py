@@ -2,10 +2,11 @@
 
 The scene cloud (core.cloud scene layout) carries, per keyframe pixel, the aligned world point,
 colour, confidence, keyframe index and mask-cache label (negative, -l: a pixel of object l that
-Multi-view Group Mapping's precomputed filter removes; decoded into ``MaskCache.kept``). Every aligned pointmap is an exact
-pinhole pointmap (each pixel's point lies on its camera ray), so each keyframe's intrinsics and
-camera-to-world pose are recovered by a linear resection (DLT) over its own pixels; the message
-is therefore self-contained and cannot disagree with a separately published pose message."""
+Multi-view Group Mapping's precomputed filter removes; decoded into ``MaskCache.kept``). Every
+aligned pointmap is an exact pinhole pointmap (each pixel's point lies on its camera ray), so
+each keyframe's intrinsics and camera-to-world pose are recovered by a linear resection (DLT)
+over its own pixels; the message is therefore self-contained and cannot disagree with a
+separately published pose message."""
 from __future__ import annotations
 
 import numpy as np
