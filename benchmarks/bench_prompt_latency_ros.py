@@ -2,7 +2,8 @@
 
 Scene: the embedded synthetic tabletop, 5 keyframes at 512 x 384 (ground-truth depth and poses
 as the aligned scene, mask cache from the classical segmenter), published as the organised
-scene cloud on wildseg3d/scene exactly as reconstruction_node does. segmentation_node runs
+scene cloud on wildseg3d/scene exactly as reconstruction_node does (with the precomputed MGM
+filter). segmentation_node runs
 in this process on its own executor thread; a client node publishes >= 200 rviz2-style
 PointStamped clicks on object surfaces (one object per prompt: ~/reset is called between
 prompts, outside the timed span) and waits for each non-empty wildseg3d/object_cloud.
@@ -43,6 +44,8 @@ def build_scene(seed: int):
     scene = AlignedScene(pts3d=pts, conf=valid.astype(np.float32), poses=s.poses,
                          K=np.repeat(s.K[None], 5, 0), rgb=s.rgb, frame_id="map")
     scene.mask_cache = ClassicalSegmenter().build_mask_cache(s.rgb, pts, valid)
+    from wildseg3d_ros.core.group_mapping import precompute_kept
+    precompute_kept(scene)  # the MGM filter reconstruction_node sends with every scene
     return s, scene
 
 
