@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from wildseg3d_ros.core.mask_cache import (associate_masks_3d, build_soft_masks, make_mask_cache, mask_iou_table, object_table)
+from wildseg3d_ros.core.mask_cache import associate_masks_3d, build_soft_masks, make_mask_cache, mask_iou_table
 
 synthetic = pytest.importorskip("wildseg3d_ros.sim.tabletop")
 geometry = pytest.importorskip("wildseg3d_ros.core.geometry")
