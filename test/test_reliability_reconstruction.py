@@ -316,6 +316,8 @@ def test_scene_published_when_its_mgm_filter_fails_and_sent_with_it_otherwise(ro
         assert (convert.cloud_to_struct(rig.scene.nonempty()[-1])["label"] >= 0).all()
         assert "filter exploded" in rig.node.last_error and rig.node.stats["internal_errors"] >= 1
         monkeypatch.setattr(so, "precompute_kept", real)
+        # the job saves the scene after publishing it: the next one starts once it is done
+        assert wait_for(lambda: not rig.node.reconstruction_running(), 30)
         assert call_trigger(rig.client, "/reconstruction_node/reconstruct").success
         assert wait_for(lambda: len(rig.scene.nonempty()) == 2, 60), dict(rig.node.stats)
         assert rig.node._scene.mask_cache.kept is not None
