@@ -73,6 +73,9 @@ def test_precomputed_mgm_filter_travels_in_the_label_sign_and_gives_the_same_seg
     np.testing.assert_array_equal(out.mask_cache.kept, kept & (labels > 0))
     cut, computed = GroupMapper(out, use_kept=True), GroupMapper(out)
     assert cut.uses_kept and not computed.uses_kept
+    # other vote / filter settings than the ones the filter was computed with: computed here
+    assert not GroupMapper(out, use_kept=True, min_agree_frac=0.3).uses_kept
+    assert not GroupMapper(out, use_kept=True, voxel=cut.voxel).uses_kept
     for i in cut.object_ids():
         np.testing.assert_array_equal(cut.segment([i]).pixel_masks, computed.segment([i]).pixel_masks)
     # without the filter (another producer) nothing is negative and the mapper computes it

@@ -26,6 +26,7 @@ removal on the fly.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -136,9 +137,6 @@ def subtract_voxels(points: np.ndarray, voxel: float, remove_keys: np.ndarray) -
     return keep
 
 
-DEFAULT_MIN_AGREE_FRAC = 0.5
-
-
 def precompute_kept(scene: AlignedScene) -> Optional[np.ndarray]:
     """Store in ``scene.mask_cache.kept`` (and return) the pixels :class:`GroupMapper` keeps with
     its default settings (every object's consistency vote and floater filter, ~50 ms for 5 x
@@ -215,12 +213,14 @@ class GroupMapper:
     ``depth_tol_rel`` / ``depth_tol_abs`` visibility tolerance ``rel * depth + abs`` (scene
     units); ``min_agree_frac`` a pixel is kept when agree >= min_agree_frac * (agree +
     disagree) (0.5: majority, ties kept); ``floater_min_frac`` see :func:`remove_floaters`;
-    ``knn`` neighbours voted in :meth:`object_at_point`.
+    ``knn`` neighbours voted in :meth:`object_at_point`; ``use_kept``: cut each object from the
+    mask cache's precomputed ``kept`` pixels (:func:`precompute_kept`) when it has them and the
+    vote and filter settings are the defaults they were computed with (else computed here).
     """
 
     def __init__(self, scene: AlignedScene, mask_cache: Optional[MaskCache] = None,
                  kd_stride: int = 2, voxel: Optional[float] = None, depth_tol_rel: float = 0.02,
-                 depth_tol_abs: float = 0.0, min_agree_frac: float = DEFAULT_MIN_AGREE_FRAC,
+                 depth_tol_abs: float = 0.0, min_agree_frac: float = 0.5,
                  floater_min_frac: float = 0.1, knn: int = 8, consistency: bool = True,
                  use_kept: bool = False):
         cache = mask_cache if mask_cache is not None else scene.mask_cache
@@ -266,9 +266,11 @@ class GroupMapper:
         self._tree: Optional[cKDTree] = None  # over grid_points(), built by warm() / build_index()
         self._tree_labels = np.zeros(0, np.int32)
         self._index_raw_pixels()
-        # use_kept: the objects are cut from the mask cache's precomputed ``kept`` pixels (the
-        # same vote and filter with the default settings, done where the scene was made)
-        kept = getattr(cache, "kept", None) if use_kept else None
+        # use_kept: the objects are cut from the mask cache's precomputed ``kept`` pixels, which
+        # hold for the vote and filter settings precompute_kept used (this class's defaults)
+        filter_settings = (voxel, self.depth_tol_rel, self.depth_tol_abs, self.min_agree_frac,
+                           self.floater_min_frac, self.consistency)
+        kept = getattr(cache, "kept", None) if use_kept and filter_settings == _DEFAULT_FILTER else None
         self._kept_flat = None
         if kept is not None and np.shape(kept) == (V, H, W):
             self._kept_flat = np.asarray(kept, bool).reshape(-1)
@@ -574,3 +576,9 @@ class GroupMapper:
         flat = self._defloat(self._lift_consistent(flat, np.ones(flat.size, bool), m))
         rk = self._negative_keys(int(i) for i in negative_ids)
         return self._make_segment([self._pack(flat)], [int(i) for i in object_ids], rk)
+
+
+# the settings of the vote and the floater filter that precompute_kept uses (GroupMapper's
+# defaults): a mapper with other settings computes its objects instead of cutting them
+_FILTER_PARAMS = ("voxel", "depth_tol_rel", "depth_tol_abs", "min_agree_frac", "floater_min_frac", "consistency")
+_DEFAULT_FILTER = tuple(inspect.signature(GroupMapper.__init__).parameters[n].default for n in _FILTER_PARAMS)

@@ -239,7 +239,7 @@ class ReconstructionPipeline:
         say("done", 1.0)
         return scene, t
 
-    def _presegment_beside_pairs(self, kfs, cancel) -> Callable[[], None]:
+    def _presegment_beside_pairs(self, kfs, cancel) -> Callable[[], set]:
         """When each keyframe's pointmap is known before pairing (depth cameras), the keyframes
         not pre-segmented yet (typically the one whose arrival started this reconstruction) are
         pre-segmented on a helper thread while the backend registers the pairs: the two share
@@ -249,19 +249,19 @@ class ReconstructionPipeline:
         (the caller calls it once the pairs are done or failed, still holding the pipeline's
         lock)."""
         if not self.backend.pointmaps_per_keyframe:
-            return lambda: set()
+            return set  # nothing to wait for: no keys
         todo = [kf for kf in kfs if kf.content_key() not in self._masks]
         if not todo:
-            return lambda: set()
+            return set
         cams = []
         for kf in todo:  # the backend's per-keyframe part first: the pairs need it too
             check_cancel(cancel, "reconstruction")
             try:
                 cam = self.backend.prepare(kf)
             except Exception:  # bad input: predict_pairs checks it and says what is wrong
-                return lambda: set()
+                return set
             if cam is None:
-                return lambda: set()
+                return set
             cams.append(cam if self._presegment_geometry else (None, None))
         results = []
 

@@ -19,8 +19,9 @@ All work runs in one worker thread fed by a queue (scene preparation, prompts in
 order); callbacks only enqueue, so services and parameters always answer. No exception ends a
 callback, a service (it always replies) or the worker. Two helper threads: one hashes a new
 scene's identity while the worker decodes it; one, at a lower CPU priority, computes the new
-scene's object segments (largest first) and then its KD-tree, so the worker is free when the
-first click comes (it waits at most for the object being computed; until the tree exists an
+scene's object segments (largest first; unless they were cut from the filter sent with the scene:
+then it waits for the first click to be answered) and then its KD-tree, so the worker is free
+when the first click comes (it waits at most for the object being computed; until the tree exists an
 exact window search in the keyframes answers, with the same results).
 
 Matching answers to prompts (ros/object_output.py): an object cloud's header.stamp is the stamp
@@ -286,13 +287,12 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         return self._segmenter
 
     def _build_session(self, scene):
-        from ..core.group_mapping import DEFAULT_MIN_AGREE_FRAC, GroupMapper
+        from ..core.group_mapping import GroupMapper
         from ..core.prompts.session import InteractiveSession
-        # the filter the reconstruction node sent with the scene holds for the default settings
-        defaults = (not self.params["mgm.voxel_size_m"]
-                    and self.params["mgm.min_consistency"] == DEFAULT_MIN_AGREE_FRAC)
+        # the filter the reconstruction node sent with the scene is used when it holds for these
+        # settings (the defaults)
         mapper = GroupMapper(scene, voxel=self.params["mgm.voxel_size_m"] or None,
-                             min_agree_frac=self.params["mgm.min_consistency"], use_kept=defaults)
+                             min_agree_frac=self.params["mgm.min_consistency"], use_kept=True)
         if mapper.uses_kept:  # every object is a cut of the sent filter (~1 ms each): now
             mapper.warm(index=False, negatives=False)
         # the objects' segments (largest first; unless cut above) and then the KD-tree are

@@ -67,8 +67,6 @@ def _dot(a, b):
 def _huber(rn):
     """The norm the IRLS weights W / max(||r||, RES_EPS) majorise: ||r|| above RES_EPS and
     (||r||^2 + RES_EPS^2) / (2 RES_EPS) below it (continuous, with a continuous slope)."""
-    if isinstance(rn, float):
-        return rn if rn >= RES_EPS else (rn * rn + RES_EPS * RES_EPS) / (2 * RES_EPS)
     return torch.where(rn >= RES_EPS, rn, (rn * rn + RES_EPS * RES_EPS) / (2 * RES_EPS))
 
 
