@@ -39,7 +39,7 @@ rate-limited log line; ``stats`` counts them and ``last_error`` holds the latest
 Persistence: with ``scene_dir`` set, the prompts of the current scene (3D points already in the
 scene frame, pixel prompts as keyframe/u/v; positive / negative / new object) are saved
 atomically after every change via core.store.save_session (format: core.prompt_session), keyed by the scene identity (a
-BLAKE2 hash of the scene cloud's data bytes, its size and frame). With ``load_last_session``,
+SHA-1 hash of the scene cloud's data bytes, its size and frame). With ``load_last_session``,
 when a scene with that identity arrives (e.g. the reconstruction node restarted with
 load_last_scene), the prompts are replayed and the same segmented cloud is republished.
 A scene message identical to the current one (a republish) keeps the current selection.
@@ -334,7 +334,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self.out.publish([], self._frame())
             self.get_logger().info("empty scene received (reconstruction reset): selection cleared")
             return
-        # the identity (a BLAKE2 hash of ~30 MB) is computed on another thread while the message is
+        # the identity (a SHA-1 hash of ~30 MB) is computed on another thread while the message is
         # decoded: hashlib releases the GIL, so on two cores it costs the preparation nothing
         sid_future = self._id_pool.submit(scene_identity, msg)
         try:
@@ -358,7 +358,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self.scene, self.session, self.scene_stamp, self.scene_id = scene, session, msg.header.stamp, sid
         self._set_prompts([], [])
         self.stats["scenes_loaded"] += 1
-        n_obj = len(scene.mask_cache.object_ids()) if scene.mask_cache is not None else 0
+        mc = scene.mask_cache  # the decoder's object table counts the ids (object_ids: a pass over ~1M labels)
+        n_obj = 0 if mc is None else len(mc.objects) if mc.objects else len(mc.object_ids())
         self.get_logger().info(f"scene ready: {scene.num_views} keyframes {scene.image_shape[1]}x"
                                f"{scene.image_shape[0]}, {n_obj} cached objects, frame '{scene.frame_id}' "
                                f"({1e3 * (time.perf_counter() - t0):.0f} ms to prepare)")

@@ -14,10 +14,13 @@ SESSION_FORMAT = "wildseg3d-prompts-1"
 
 
 def scene_identity(height: int, width: int, point_step: int, frame_id: str, data, fields=()) -> str:
-    """Identity of a published scene: BLAKE2 hash of the cloud's data bytes, size, field layout
+    """Identity of a published scene: SHA-1 hash of the cloud's data bytes, size, field layout
     ((name, offset, datatype, count) per field) and frame (the stamp is left out: a restored scene
-    is republished with a new stamp but identical bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    is republished with a new stamp but identical bytes). A content identity, not a security
+    check: SHA-1 because it is the fastest hash hashlib has on current CPUs (their SHA
+    instructions: 15 ms for a 27 MB scene on the development VM, BLAKE2b 41 ms), and the scene's
+    preparation waits for it."""
+    h = hashlib.sha1(usedforsecurity=False)
     layout = ";".join(f"{n},{o},{t},{c}" for n, o, t, c in fields)
     h.update(f"{height}x{width}:{point_step}:{frame_id}:{layout}:".encode())
     h.update(memoryview(data))
