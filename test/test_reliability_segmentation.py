@@ -233,3 +233,48 @@ def test_with_the_filter_sent_the_warm_up_waits_for_the_first_click(ros, built, 
         th.stop()
         node.destroy_node()
         client.destroy_node()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_heap_is_faulted_in_ahead_at_start_and_after_the_first_scene(ros, built, tmp_path, keep):
+    """memory.keep_scene_heap: the worker faults in memory for the first scene once it has warmed
+    up, and again after the first scene (the second is prepared while the first is still held), in
+    steps between prompts: a click sent right behind the scene is answered meanwhile. Off: no
+    reserve, the same answers."""
+    from wildseg3d_ros.ros.segmentation_node import SegmentationNode
+    seq, scene = built
+    node = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=str(tmp_path)),
+                                                 Parameter("memory.keep_scene_heap", value=keep),
+                                                 Parameter("memory.first_scene_reserve_mb", value=16)])
+    node.RESERVE_STEP_BYTES = 64 << 10  # many steps: the click lands between two of them
+    client = rclpy.create_node("seg_reserve_client")
+    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
+    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
+    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
+    ex = MultiThreadedExecutor(num_threads=3)
+    ex.add_node(node)
+    ex.add_node(client)
+    th = SpinThread(ex)
+    try:
+        assert wait_for(lambda: scene_pub.get_subscription_count() > 0 and click_pub.get_subscription_count() > 0, 10)
+        if keep:
+            assert wait_for(lambda: node.stats["heap_reserves"] == 1, 20)  # the start-up reserve
+        assert node.diagnostics_values()["heap"] == ("kept for the next scene" if keep else "glibc defaults")
+        scene_pub.publish(scene_msg(scene))
+        assert wait_for(lambda: node.session is not None, 20)
+        labels = scene.mask_cache.labels
+        obj = max(scene.mask_cache.object_ids(), key=lambda o: int((labels[0] == o).sum()))
+        p, _ = click_point_on_object(scene, labels, obj)
+        click_pub.publish(point_msg(p, stamp=7.0))
+        assert wait_for(lambda: objs.count() > 0 and objs.last().width > 0, 10)
+        if keep:
+            assert wait_for(lambda: node.stats["heap_reserves"] == 2 and node._reserve is None, 20)
+            # 2.5x the scene message after the first scene
+            assert node.stats["heap_reserved_bytes"] == (16 << 20) + int(2.5 * len(scene_msg(scene).data))
+        else:
+            assert node._reserve is None and node.stats["heap_reserves"] == 0
+        assert node.stats["worker_errors"] == 0
+    finally:
+        th.stop()
+        node.destroy_node()
+        client.destroy_node()

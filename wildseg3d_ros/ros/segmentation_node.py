@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
 import os
 import queue
 import threading
@@ -64,7 +65,7 @@ from std_srvs.srv import Trigger
 from ..core.config import segmenter_choices
 from . import convert
 from .frame_input import percentile
-from .memory import release_free_heap
+from .memory import HeapReserve, release_free_heap, set_heap_thresholds
 from .node_common import NodeCommonMixin
 from .object_output import ObjectOutput
 from .params import ParamSpec, ParameterTable, check_device, check_dir_param, check_file_param
@@ -95,6 +96,15 @@ PARAMS = [
               check=check_dir_param),
     ParamSpec("load_last_session", False, "Replay the saved prompts when the scene they were made on "
               "is received again (same scene identity), e.g. after a restart."),
+    ParamSpec("memory.keep_scene_heap", True, "Keep the heap memory a scene's preparation uses for the "
+              "next scene (glibc: buffers up to 32 MiB from the heap, freed memory kept up to 6x the scene "
+              "message) and fault in memory ahead (memory.first_scene_reserve_mb at start-up, then 2.5x "
+              "the last scene message after the first scene and after an idle release), so that a new "
+              "scene is not prepared in fresh pages (process-wide allocator settings; false: glibc's "
+              "defaults, nothing faulted in ahead).", read_only=True),
+    ParamSpec("memory.first_scene_reserve_mb", 72, "Heap faulted in at start-up for the first scene "
+              "(with memory.keep_scene_heap): about 2.5x its message, 70 MB for 5 keyframes 512x384.",
+              0, 4096, read_only=True),
 ]
 
 
@@ -114,6 +124,12 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
     # ... unless the heap holds no more than this many bytes per byte of the last scene message
     # free: about what decoding and indexing a scene of that size allocates (2-4x the message)
     TRIM_KEEP_PER_SCENE_BYTE = 6
+    # memory.keep_scene_heap: heap faulted in ahead for the next scene, per byte of the last scene
+    # message (a 5 x 512x384 scene keeps ~1.4x its message in arrays and allocates ~0.8x more
+    # while it is prepared), in steps of RESERVE_STEP_BYTES between two queue items
+    RESERVE_PER_SCENE_BYTE = 2.5
+    RESERVE_STEP_BYTES = 256 << 10
+    IDLE_WORK_AFTER_S = 0.02
     WARM_DELAY_S = 0.25  # the longest a scene's warm-up waits for the first click (_warm_mapper)
 
     def __init__(self, **kwargs):
@@ -139,6 +155,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
         self._retired: list = []  # the scene a new one replaced: freed when the worker is idle
         self._trim_keep = 0  # free heap bytes kept for the next scene (TRIM_KEEP_PER_SCENE_BYTE)
+        self._reserve: Optional[HeapReserve] = None  # memory faulted in ahead (memory.keep_scene_heap)
+        self._reserve_due = True  # a reserve is made after the next scene (none was made yet)
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
         self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_warm")
@@ -175,6 +193,10 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
         except ImportError:
             pass
+        self._keep_heap = bool(self.params["memory.keep_scene_heap"]) and set_heap_thresholds(trim_threshold=256 << 20)
+        if self._keep_heap:  # faulted in by the worker (in its arena), once it has warmed up
+            self._reserve = HeapReserve(int(self.params["memory.first_scene_reserve_mb"]) << 20,
+                                        step_bytes=self.RESERVE_STEP_BYTES)
         self._worker = threading.Thread(target=self._work_loop, name="segmentation", daemon=True)
         self._worker.start()
         self.get_logger().info("segmentation_node ready: waiting for a scene on wildseg3d/scene")
@@ -232,9 +254,16 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self._warm_up()
         except Exception as e:  # never fatal: the first scene then pays for it
             self.get_logger().warning(f"warm-up skipped ({type(e).__name__}: {e})")
+        # the ~65k objects of the imports, start-up and warm-up are never collected: a full
+        # collection took 37 ms (a pause at any click or scene); after this one it takes < 1 ms
+        gc.collect()
+        gc.freeze()
         while not self._stop.is_set():
             try:
-                item = self._q.get(timeout=0.05 if self._held else 0.2)
+                # idle work (the replaced scene's release, the heap reserve) starts 20 ms after
+                # the last item, also between the clicks of a busy operator
+                item = self._q.get(timeout=self.IDLE_WORK_AFTER_S if self._retired or self._reserve is not None
+                                   else 0.05 if self._held else 0.2)
             except queue.Empty:
                 item = None
             try:
@@ -242,9 +271,19 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                     self._dispatch(item)
                 elif self._retired:
                     self._retired.clear()
+                elif self._reserve is not None:
+                    # in steps while nothing waits (a prompt waits one step at most); in this
+                    # thread, whose arena the next scene's arrays come from
+                    while self._q.empty() and self._reserve.step():
+                        pass
+                    if self._reserve.done:
+                        self.stats["heap_reserves"] += 1
+                        self.stats["heap_reserved_bytes"] += self._reserve.touched
+                        self._reserve = None
                 elif self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
-                    release_free_heap(keep_bytes=self._trim_keep)
+                    if release_free_heap(keep_bytes=self._trim_keep) and self._keep_heap:
+                        self._start_reserve()  # what the next scene needs is faulted in again
                 self._expire_held()
                 if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
                     self.out.publish([], self._frame())
@@ -254,15 +293,28 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             # a scene message (~30 MB) is freed now, not when the next item (a click) arrives
             item = None
 
+    def _start_reserve(self):
+        self._reserve = HeapReserve(int(self.RESERVE_PER_SCENE_BYTE * self._trim_keep / self.TRIM_KEEP_PER_SCENE_BYTE),
+                                    step_bytes=self.RESERVE_STEP_BYTES)
+
     def _dispatch(self, item):
         if item[0] == "scene":
+            if self._reserve is not None:  # what it touched is free for this scene
+                self._reserve.cancel()
+                self._reserve = None
             self._load_scene(item[1], item[2])
             # the previous scene's arrays are freed once the worker is idle; what the heap then
             # holds beyond a scene's worth is given back to the OS once no new scene came for a
-            # while (returned pages are faulted in again by the next scene's preparation: ~30 ms
-            # for 5 x 512x384 on the development VM)
+            # while (returned pages would be faulted in again by the next scene's preparation,
+            # ~30 ms for 5 x 512x384 on the development VM: with memory.keep_scene_heap the
+            # worker faults in what that scene needs after the release, and after the first scene)
             self._trim_at = time.monotonic() + self.TRIM_IDLE_S
             self._trim_keep = self.TRIM_KEEP_PER_SCENE_BYTE * len(item[2].data)
+            if self._keep_heap and self.session is not None:
+                set_heap_thresholds(trim_threshold=self._trim_keep)
+                if self._reserve_due:  # the next scene is prepared beside this one: in fresh memory
+                    self._reserve_due = False
+                    self._start_reserve()
         elif item[0] == "reset":
             self._do_reset()
         elif item[0] == "resegment":
@@ -425,7 +477,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             seg_status = "ready"
         else:
             seg_status = "not loaded yet (loaded with the first scene)"
-        scene = self.scene
+        scene, reserve = self.scene, self._reserve
         kv = {"segmenter": p["segmenter"], "segmenter_status": seg_status, "device": p["device"],
               "model": p["sam2.checkpoint"] if p["segmenter"] == "sam2" else f"none ({p['segmenter']}: weight-free)",
               "queue": f"{self._q.qsize()}/{self._q.maxsize}", "prompts_waiting_for_scene": str(len(self._held)),
@@ -436,7 +488,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
               "prompt_latency_p50_ms": f"{percentile(self.latencies_ms, 50):.2f}",
               "prompt_latency_p95_ms": f"{percentile(self.latencies_ms, 95):.2f}",
               "last_error": (self.last_error or self._segmenter_error)[:300] or "none",
-              "scene_dir": self._scene_dir() or "(disabled)"}
+              "scene_dir": self._scene_dir() or "(disabled)",
+              "heap": ("kept for the next scene" if self._keep_heap else "glibc defaults")
+              + (f" (faulting in {reserve.nbytes >> 20} MiB ahead)" if reserve is not None else "")}
         kv.update({k: str(v) for k, v in sorted(self.stats.items())})
         return kv
 
