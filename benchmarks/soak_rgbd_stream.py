@@ -94,7 +94,10 @@ def main(argv=None):
         Parameter("keyframes.reconstruct_at", value=0), Parameter("keyframes.max_keyframes", value=args.max_keyframes),
         Parameter("dga.iterations", value=args.iterations), Parameter("use_tf", value=False),
         Parameter("scene_dir", value=scene_dir), Parameter("max_saved_scenes", value=2)])
-    seg = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=scene_dir)])
+    # as the demo: memory.keep_scene_heap's process-wide allocator settings are for a segmentation
+    # node in a process of its own (here they would keep the reconstruction's freed buffers too)
+    seg = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=scene_dir),
+                                                Parameter("memory.keep_scene_heap", value=False)])
     drv = rclpy.create_node("soak_driver")
     pub_img = drv.create_publisher(Image, "image", convert.SENSOR_QOS)
     pub_dep = drv.create_publisher(Image, "depth", convert.SENSOR_QOS)

@@ -74,7 +74,10 @@ def run_demo(out_dir: str = "demo_out", width: int = 512, height: int = 384, num
             Parameter("keyframes.max_keyframes", value=max(num_frames, 2)),
             Parameter("dga.iterations", value=iterations),
             Parameter("segmenter", value=segmenter), Parameter("backend", value=backend)])
-        seg = SegmentationNode(parameter_overrides=[Parameter("segmenter", value=segmenter)])
+        # one process with the reconstruction node: the allocator settings of memory.keep_scene_heap
+        # are process-wide and would keep the reconstruction's freed buffers too (~150 MB more RSS)
+        seg = SegmentationNode(parameter_overrides=[Parameter("segmenter", value=segmenter),
+                                                    Parameter("memory.keep_scene_heap", value=False)])
         client = Node("wildseg3d_demo_client")
         nodes = [cam, rec, seg, client]
         got = {}

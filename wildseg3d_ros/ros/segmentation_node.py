@@ -17,8 +17,9 @@ current scene and parameters, replay the prompts, republish) — std_srvs/Trigge
 
 All work runs in one worker thread fed by a queue (scene preparation, prompts in arrival
 order); callbacks only enqueue, so services and parameters always answer. No exception ends a
-callback, a service (it always replies) or the worker. Two helper threads: one hashes a new
-scene's identity while the worker decodes it; one, at a lower CPU priority, computes the new
+callback, a service (it always replies) or the worker. Three helper threads: one writes the
+saved session (fsync: the worker never waits for the disk); one hashes a new scene's identity
+while the worker decodes it; one, at a lower CPU priority, computes the new
 scene's object segments (largest first; unless they were cut from the filter sent with the scene:
 then it waits for the first click to be answered) and then its KD-tree, so the worker is free
 when the first click comes (it waits at most for the object being computed; until the tree exists an
@@ -100,8 +101,10 @@ PARAMS = [
               "next scene (glibc: buffers up to 32 MiB from the heap, freed memory kept up to 6x the scene "
               "message) and fault in memory ahead (memory.first_scene_reserve_mb at start-up, then 2.5x "
               "the last scene message after the first scene and after an idle release), so that a new "
-              "scene is not prepared in fresh pages (process-wide allocator settings; false: glibc's "
-              "defaults, nothing faulted in ahead).", read_only=True),
+              "scene is not prepared in fresh pages. The allocator settings are process-wide: turn it off "
+              "where this node shares its process with the reconstruction node (the demo does), whose "
+              "freed buffers they would keep too. False: glibc's defaults, nothing faulted in ahead.",
+              read_only=True),
     ParamSpec("memory.first_scene_reserve_mb", 72, "Heap faulted in at start-up for the first scene "
               "(with memory.keep_scene_heap): about 2.5x its message, 70 MB for 5 keyframes 512x384.",
               0, 4096, read_only=True),
@@ -157,6 +160,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._trim_keep = 0  # free heap bytes kept for the next scene (TRIM_KEEP_PER_SCENE_BYTE)
         self._reserve: Optional[HeapReserve] = None  # memory faulted in ahead (memory.keep_scene_heap)
         self._reserve_due = True  # a reserve is made after the next scene (none was made yet)
+        self._init_persistence()
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
         self._warm_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_warm")
@@ -508,6 +512,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             self._worker.join(timeout=2.0)  # no publish on a destroyed publisher
         self._id_pool.shutdown(wait=False)
         self._warm_pool.shutdown(wait=False)
+        self._flush_session()
         return super().destroy_node()
 
 
