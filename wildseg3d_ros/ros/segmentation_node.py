@@ -251,7 +251,10 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         mapper.warm()
         mapper.object_at_point(dec.pts3d[0, 6, 7])
         self._id_pool.submit(len, data).result()  # the identity thread is started
-        self._get_segmenter(True)  # the refinement segmenter of metric scenes (auto: geometric)
+        seg = self._get_segmenter(True)  # the refinement segmenter of metric scenes (auto: geometric)
+        if seg is not None:  # a click on no cached object: the segmenter's first run (its imports,
+            from ..core.prompts.session import InteractiveSession  # OpenCV's Lab tables: 110 ms)
+            InteractiveSession(dec, mapper, seg).add_point_prompt(dec.pts3d[0, 1, 1].astype(np.float64), True)
 
     def _work_loop(self):
         try:
