@@ -5,7 +5,7 @@ from wildseg3d_ros.core.voxels import isin_sorted, pack, unpack, voxel_keys
 
 def test_voxel_keys_are_the_packed_floored_coordinates():
     rng = np.random.default_rng(0)
-    pts = (rng.random((3, 40, 50, 3)) * 4 - 2).astype(np.float32)
+    pts = (rng.random((3, 120, 160, 3)) * 4 - 2).astype(np.float32)  # float32 in, float64 arithmetic
     origin = np.array([-0.5, -0.2, 0.1])
     for voxel in (0.004, 0.05, 1.0):
         want = pack(np.floor((pts.astype(np.float64) - origin) / voxel).astype(np.int64))

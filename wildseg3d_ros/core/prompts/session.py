@@ -116,7 +116,7 @@ def propagate_mask(pts3d: np.ndarray, valid: np.ndarray, view: int, mask: np.nda
         fin = pts3d[valid]
         origin = fin.min(0).astype(np.float64) if fin.size else np.zeros(3)
     if keys is None:
-        keys = voxel_keys(np.where(valid[..., None], pts3d, 0.0), voxel, origin)
+        keys = voxel_keys(pts3d, voxel, origin)  # invalid pixels' keys are never read (masked by valid)
     kept = np.unique(keys[view][mask & valid[view]])
     removed_px = (np.zeros((H, W), bool) if prev_masks is None
                   else np.asarray(prev_masks[view], bool) & ~mask)
@@ -360,7 +360,8 @@ class InteractiveSession:
     def _keys(self, voxel: float) -> np.ndarray:
         cv, ck = self._keys_cache
         if cv != voxel or ck is None:
-            ck = voxel_keys(np.where(self._valid[..., None], self._pts, 0.0), voxel, self._origin)
+            # _pts is NaN where invalid (stored as key 0; every use of the keys is masked by validity)
+            ck = voxel_keys(self._pts, voxel, self._origin)
             self._keys_cache = (voxel, ck)
         return ck
 
