@@ -160,6 +160,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self._trim_keep = 0  # free heap bytes kept for the next scene (TRIM_KEEP_PER_SCENE_BYTE)
         self._reserve: Optional[HeapReserve] = None  # memory faulted in ahead (memory.keep_scene_heap)
         self._reserve_due = True  # a reserve is made after the next scene (none was made yet)
+        self._scene_at = 0.0  # when the current scene was loaded (monotonic s)
         self._init_persistence()
         self._id_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scene_identity")
         # the current scene's object segments and KD-tree (GroupMapper.warm), off the worker thread
@@ -268,7 +269,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         while not self._stop.is_set():
             try:
                 # idle work (the replaced scene's release, the heap reserve) starts 20 ms after
-                # the last item, also between the clicks of a busy operator
+                # the last item (_after_first_click), also between the clicks of a busy operator
                 item = self._q.get(timeout=self.IDLE_WORK_AFTER_S if self._retired or self._reserve is not None
                                    else 0.05 if self._held else 0.2)
             except queue.Empty:
@@ -276,13 +277,14 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             try:
                 if item is not None:
                     self._dispatch(item)
-                elif self._retired:
+                elif self._retired and self._after_first_click():
                     self._retired.clear()
-                elif self._reserve is not None:
-                    # in steps while nothing waits (a prompt waits one step at most); in this
+                elif self._reserve is not None and self._after_first_click():
+                    # in steps while nothing waits (a prompt waits one step at most; the GIL is
+                    # released after each, so the executor takes a prompt at once); in this
                     # thread, whose arena the next scene's arrays come from
                     while self._q.empty() and self._reserve.step():
-                        pass
+                        time.sleep(0)
                     if self._reserve.done:
                         self.stats["heap_reserves"] += 1
                         self.stats["heap_reserved_bytes"] += self._reserve.touched
@@ -300,6 +302,11 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             # a scene message (~30 MB) is freed now, not when the next item (a click) arrives
             item = None
 
+    def _after_first_click(self) -> bool:
+        """Idle work (freeing the replaced scene, the heap reserve) waits for a new scene's first
+        click to be answered, or WARM_DELAY_S: that click has the CPU and the GIL to itself."""
+        return self._warm_go.is_set() or self.session is None or time.monotonic() - self._scene_at > self.WARM_DELAY_S
+
     def _start_reserve(self):
         self._reserve = HeapReserve(int(self.RESERVE_PER_SCENE_BYTE * self._trim_keep / self.TRIM_KEEP_PER_SCENE_BYTE),
                                     step_bytes=self.RESERVE_STEP_BYTES)
@@ -315,7 +322,8 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             # while (returned pages would be faulted in again by the next scene's preparation,
             # ~30 ms for 5 x 512x384 on the development VM: with memory.keep_scene_heap the
             # worker faults in what that scene needs after the release, and after the first scene)
-            self._trim_at = time.monotonic() + self.TRIM_IDLE_S
+            self._scene_at = time.monotonic()
+            self._trim_at = self._scene_at + self.TRIM_IDLE_S
             self._trim_keep = self.TRIM_KEEP_PER_SCENE_BYTE * len(item[2].data)
             if self._keep_heap and self.session is not None:
                 set_heap_thresholds(trim_threshold=self._trim_keep)
