@@ -7,6 +7,9 @@ are kept, and a later good prompt still segments the object.
 """
 from __future__ import annotations
 
+import contextlib
+import types
+
 
 import numpy as np
 import pytest
@@ -52,6 +55,37 @@ def point_msg(p, frame="map", stamp=1.0):
     m = PointStamped(header=convert.make_header(frame, stamp))
     m.point.x, m.point.y, m.point.z = (float(x) for x in p)
     return m
+
+
+@contextlib.contextmanager
+def scene_and_clicks(node, client_name: str):
+    """``node`` and a client (scene and click publishers, object-cloud collector) spinning on one
+    executor, discovered. ``rig.stop()`` ends the spinning and destroys the node (also on exit)."""
+    client = rclpy.create_node(client_name)
+    rig = types.SimpleNamespace(
+        client=client, scene_pub=client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS),
+        click_pub=client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS),
+        objs=Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS))
+    ex = MultiThreadedExecutor(num_threads=3)
+    ex.add_node(node)
+    ex.add_node(client)
+    th = SpinThread(ex)
+    stopped = []
+
+    def stop():
+        if not stopped:
+            stopped.append(True)
+            th.stop()
+            node.destroy_node()
+
+    rig.stop = stop
+    try:
+        assert wait_for(lambda: rig.scene_pub.get_subscription_count() > 0
+                        and rig.click_pub.get_subscription_count() > 0, 10)
+        yield rig
+    finally:
+        stop()
+        client.destroy_node()
 
 
 def test_bad_prompts_and_bad_scenes_are_refused(ros, built, tmp_path):
@@ -207,17 +241,8 @@ def test_with_the_filter_sent_the_warm_up_waits_for_the_first_click(ros, built, 
         kept[tuple(np.argwhere(labels > 0)[0])] = False
     node = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=str(tmp_path))])
     node.WARM_DELAY_S = 60.0  # only a click starts the warm-up here
-    client = rclpy.create_node("seg_warm_client")
-    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
-    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
-    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
-    ex = MultiThreadedExecutor(num_threads=3)
-    ex.add_node(node)
-    ex.add_node(client)
-    th = SpinThread(ex)
-    try:
-        assert wait_for(lambda: scene_pub.get_subscription_count() > 0 and click_pub.get_subscription_count() > 0, 10)
-        scene_pub.publish(scene_msg(sc))
+    with scene_and_clicks(node, "seg_warm_client") as rig:
+        rig.scene_pub.publish(scene_msg(sc))
         assert wait_for(lambda: node.session is not None, 20)
         mapper = node.session.mapper
         assert mapper.uses_kept and not mapper.pending_objects()  # every object cut while preparing
@@ -225,14 +250,10 @@ def test_with_the_filter_sent_the_warm_up_waits_for_the_first_click(ros, built, 
         assert mapper._tree is None  # the warm-up waits for the first click
         obj = max(mapper.object_ids(), key=lambda o: int((labels[0] == o).sum()))
         p, _ = click_point_on_object(sc, labels, obj)
-        click_pub.publish(point_msg(p, stamp=7.0))
-        assert wait_for(lambda: objs.count() > 0 and objs.last().width > 0, 10)
+        rig.click_pub.publish(point_msg(p, stamp=7.0))
+        assert wait_for(lambda: rig.objs.count() > 0 and rig.objs.last().width > 0, 10)
         assert wait_for(lambda: mapper._tree is not None, 10)  # then it runs
         assert node.stats["worker_errors"] == 0
-    finally:
-        th.stop()
-        node.destroy_node()
-        client.destroy_node()
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -247,26 +268,17 @@ def test_heap_is_faulted_in_ahead_at_start_and_after_the_first_scene(ros, built,
                                                  Parameter("memory.keep_scene_heap", value=keep),
                                                  Parameter("memory.first_scene_reserve_mb", value=16)])
     node.RESERVE_STEP_BYTES = 64 << 10  # many steps: the click lands between two of them
-    client = rclpy.create_node("seg_reserve_client")
-    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
-    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
-    objs = Collector(client, PointCloud2, "wildseg3d/object_cloud", convert.LATCHED_QOS)
-    ex = MultiThreadedExecutor(num_threads=3)
-    ex.add_node(node)
-    ex.add_node(client)
-    th = SpinThread(ex)
-    try:
-        assert wait_for(lambda: scene_pub.get_subscription_count() > 0 and click_pub.get_subscription_count() > 0, 10)
+    with scene_and_clicks(node, "seg_reserve_client") as rig:
         if keep:
             assert wait_for(lambda: node.stats["heap_reserves"] == 1, 20)  # the start-up reserve
         assert node.diagnostics_values()["heap"] == ("kept for the next scene" if keep else "glibc defaults")
-        scene_pub.publish(scene_msg(scene))
+        rig.scene_pub.publish(scene_msg(scene))
         assert wait_for(lambda: node.session is not None, 20)
         labels = scene.mask_cache.labels
         obj = max(scene.mask_cache.object_ids(), key=lambda o: int((labels[0] == o).sum()))
         p, _ = click_point_on_object(scene, labels, obj)
-        click_pub.publish(point_msg(p, stamp=7.0))
-        assert wait_for(lambda: objs.count() > 0 and objs.last().width > 0, 10)
+        rig.click_pub.publish(point_msg(p, stamp=7.0))
+        assert wait_for(lambda: rig.objs.count() > 0 and rig.objs.last().width > 0, 10)
         if keep:
             assert wait_for(lambda: node.stats["heap_reserves"] == 2 and node._reserve is None, 20)
             # 2.5x the scene message after the first scene
@@ -274,10 +286,6 @@ def test_heap_is_faulted_in_ahead_at_start_and_after_the_first_scene(ros, built,
         else:
             assert node._reserve is None and node.stats["heap_reserves"] == 0
         assert node.stats["worker_errors"] == 0
-    finally:
-        th.stop()
-        node.destroy_node()
-        client.destroy_node()
 
 
 def test_a_slow_disk_does_not_delay_clicks_and_the_last_session_is_written(ros, built, tmp_path, monkeypatch):
@@ -301,36 +309,20 @@ def test_a_slow_disk_does_not_delay_clicks_and_the_last_session_is_written(ros, 
     _, scene = built
     node = SegmentationNode(parameter_overrides=[Parameter("scene_dir", value=str(tmp_path)),
                                                  Parameter("memory.keep_scene_heap", value=False)])
-    client = rclpy.create_node("seg_slow_disk_client")
-    scene_pub = client.create_publisher(PointCloud2, "wildseg3d/scene", convert.LATCHED_QOS)
-    click_pub = client.create_publisher(PointStamped, "clicked_point", convert.PROMPT_QOS)
-    ex = MultiThreadedExecutor(num_threads=3)
-    ex.add_node(node)
-    ex.add_node(client)
-    th = SpinThread(ex)
-    destroyed = False
-    try:
-        assert wait_for(lambda: scene_pub.get_subscription_count() > 0 and click_pub.get_subscription_count() > 0, 10)
-        scene_pub.publish(scene_msg(scene))
+    with scene_and_clicks(node, "seg_slow_disk_client") as rig:
+        rig.scene_pub.publish(scene_msg(scene))
         assert wait_for(lambda: node.session is not None, 20)
         labels = scene.mask_cache.labels
         valid = np.flatnonzero(((labels > 0) & np.isfinite(scene.pts3d).all(-1)).ravel())
         pts = scene.pts3d.reshape(-1, 3)[np.random.default_rng(0).choice(valid, 6)]
         for k, p in enumerate(pts):  # one object refined by six clicks, 0.1 s apart
-            click_pub.publish(point_msg(p, stamp=7.0 + k))
+            rig.click_pub.publish(point_msg(p, stamp=7.0 + k))
             time.sleep(0.1)
         assert wait_for(lambda: len(node.prompt_log) == 6 and node._q.empty(), 10)
         assert len(node.latencies_ms) == 6 and max(node.latencies_ms) < 300, list(node.latencies_ms)
         assert len(calls) < 6  # coalesced: fewer writes than prompts
-        th.stop()
-        node.destroy_node()  # waits for the last save
-        destroyed = True
+        rig.stop()  # destroy_node waits for the last save
         assert calls[-1] == 6
         body = json.loads((tmp_path / "session.json").read_text())
         assert len(body["session"]["prompts"]) == 6, body
         assert node.stats["session_save_errors"] == 0
-    finally:
-        if not destroyed:
-            th.stop()
-            node.destroy_node()
-        client.destroy_node()
