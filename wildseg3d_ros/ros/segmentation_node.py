@@ -157,7 +157,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         self.scene_id: Optional[str] = None
         self._trim_at: Optional[float] = None  # when to give freed heap memory back (monotonic s)
         self._retired: list = []  # the scene a new one replaced: freed when the worker is idle
-        self._trim_keep = 0  # free heap bytes kept for the next scene (TRIM_KEEP_PER_SCENE_BYTE)
+        self._scene_bytes = 0  # size of the last scene message (what the heap keeps and reserves scale with)
         self._reserve: Optional[HeapReserve] = None  # memory faulted in ahead (memory.keep_scene_heap)
         self._reserve_due = True  # a reserve is made after the next scene (none was made yet)
         self._scene_at = 0.0  # when the current scene was loaded (monotonic s)
@@ -291,7 +291,7 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
                         self._reserve = None
                 elif self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
-                    if release_free_heap(keep_bytes=self._trim_keep) and self._keep_heap:
+                    if release_free_heap(keep_bytes=self._trim_keep()) and self._keep_heap:
                         self._start_reserve()  # what the next scene needs is faulted in again
                 self._expire_held()
                 if self.out.stale and self._q.empty():  # the old scene's selection, not replaced
@@ -307,8 +307,12 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
         click to be answered, or WARM_DELAY_S: that click has the CPU and the GIL to itself."""
         return self._warm_go.is_set() or self.session is None or time.monotonic() - self._scene_at > self.WARM_DELAY_S
 
+    def _trim_keep(self) -> int:
+        """Free heap bytes kept for the next scene."""
+        return self.TRIM_KEEP_PER_SCENE_BYTE * self._scene_bytes
+
     def _start_reserve(self):
-        self._reserve = HeapReserve(int(self.RESERVE_PER_SCENE_BYTE * self._trim_keep / self.TRIM_KEEP_PER_SCENE_BYTE),
+        self._reserve = HeapReserve(int(self.RESERVE_PER_SCENE_BYTE * self._scene_bytes),
                                     step_bytes=self.RESERVE_STEP_BYTES)
 
     def _dispatch(self, item):
@@ -324,9 +328,9 @@ class SegmentationNode(PromptHandlerMixin, PromptPersistenceMixin, NodeCommonMix
             # worker faults in what that scene needs after the release, and after the first scene)
             self._scene_at = time.monotonic()
             self._trim_at = self._scene_at + self.TRIM_IDLE_S
-            self._trim_keep = self.TRIM_KEEP_PER_SCENE_BYTE * len(item[2].data)
+            self._scene_bytes = len(item[2].data)
             if self._keep_heap and self.session is not None:
-                set_heap_thresholds(trim_threshold=self._trim_keep)
+                set_heap_thresholds(trim_threshold=self._trim_keep())
                 if self._reserve_due:  # the next scene is prepared beside this one: in fresh memory
                     self._reserve_due = False
                     self._start_reserve()
